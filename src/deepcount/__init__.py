@@ -1,0 +1,8 @@
+"""DeepCount: Deep Density-aware Count Regressor (Chen, "Deep Density-aware Count Regressor").
+
+A VGG16 frontend and a strided-conv backbone regress one global count from a 384x512 crop;
+five density-map branches feed gradients into the backbone during training ("gradient
+fusion") and are run at inference only when a density map is asked for.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,640 @@
+"""Readers for crowd-counting datasets in their original, published formats.
+
+Every reader returns a :class:`CrowdDataset`: a named, ordered list of :class:`AnnotatedImage`
+(image path + head points). Points are always a float64 ``(N, 2)`` array of ``(x, y)`` in
+0-based pixel coordinates: pixel ``(row i, column j)`` has its centre at ``x=j, y=i``.
+MATLAB annotations (ShanghaiTech, Mall, UCF-QNRF) are 1-based and are converted in exactly one
+place, :func:`from_matlab`. Nothing here knows where data lives: callers pass the roots.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
+import scipy.io
+import torch
+
+from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, image_size, load_image, to_tensor
+from .model import INPUT_SIZE as TILE
+from .targets import PAPER, GroundTruthCache, GroundTruthConfig, HeadKernels
+
+__all__ = [
+    "AnnotatedImage",
+    "CrowdCrops",
+    "CrowdDataset",
+    "DATASETS",
+    "SPLITS",
+    "custom",
+    "from_matlab",
+    "jhu_crowd",
+    "load_dataset",
+    "mall",
+    "nwpu_crowd",
+    "shanghaitech",
+    "train_val_split",
+    "ucf_qnrf",
+]
+
+IMAGE_SUFFIXES = tuple(sorted(IMAGE_EXTENSIONS))
+
+
+# ----------------------------------------------------------------------------- core types
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: ndarray fields make generated __eq__/__hash__ meaningless
+class AnnotatedImage:
+    """One image and its annotated head points.
+
+    ``points`` is float64 ``(N, 2)`` with columns ``(x, y)``, 0-based pixel coordinates.
+    ``annotation`` is the file the points were read from (a shared file such as Mall's
+    ``mall_gt.mat`` when all images share one), or ``None`` when there is none.
+    """
+
+    image: Path
+    points: np.ndarray
+    annotation: Path | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image", Path(self.image))
+        if self.annotation is not None:
+            object.__setattr__(self, "annotation", Path(self.annotation))
+        object.__setattr__(self, "points", _as_points(self.points, self.annotation or self.image))
+
+    @property
+    def count(self) -> int:
+        """Number of annotated heads."""
+        return int(len(self.points))
+
+
+class CrowdDataset(Sequence[AnnotatedImage]):
+    """A named, ordered list of :class:`AnnotatedImage` (``name``, ``split``, ``items``)."""
+
+    def __init__(self, name: str, split: str, items: Sequence[AnnotatedImage]):
+        self.name = name
+        self.split = split
+        self.items: list[AnnotatedImage] = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @overload
+    def __getitem__(self, index: int) -> AnnotatedImage: ...
+    @overload
+    def __getitem__(self, index: slice) -> CrowdDataset: ...
+    def __getitem__(self, index: int | slice) -> AnnotatedImage | CrowdDataset:
+        if isinstance(index, slice):
+            return CrowdDataset(self.name, self.split, self.items[index])
+        return self.items[index]
+
+    def __iter__(self) -> Iterator[AnnotatedImage]:
+        return iter(self.items)
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Per-image head counts, int64 ``(len(self),)``."""
+        return np.array([it.count for it in self.items], dtype=np.int64)
+
+    @property
+    def total_count(self) -> int:
+        """Total number of annotated heads over all images."""
+        return int(sum(it.count for it in self.items))
+
+    def __repr__(self) -> str:
+        return (f"CrowdDataset(name={self.name!r}, split={self.split!r}, "
+                f"images={len(self)}, heads={self.total_count})")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _as_points(points: Any, source: Any = None) -> np.ndarray:
+    """Coerce to a fresh float64 ``(N, 2)`` array; empty input becomes ``(0, 2)``."""
+    arr = np.array(points, dtype=np.float64)  # np.array copies: callers never alias file buffers
+    if arr.size == 0:
+        return np.zeros((0, 2), dtype=np.float64)
+    if arr.ndim == 1 and arr.size == 2:
+        arr = arr.reshape(1, 2)
+    where = f" in {source}" if source is not None else ""
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise ValueError(f"expected (N, 2) head points{where}, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"non-finite head coordinates{where}")
+    return arr
+
+
+def from_matlab(points: Any) -> np.ndarray:
+    """Convert MATLAB 1-based ``(x, y)`` points to 0-based pixel coordinates.
+
+    This is the only place in the library where 1 is subtracted: every ``.mat`` reader calls it.
+    """
+    return _as_points(points) - 1.0
+
+
+def _natural_key(path: Path | str) -> tuple:
+    """Sort key that orders embedded numbers numerically (IMG_2 before IMG_10)."""
+    name = Path(path).name
+    parts = re.split(r"(\d+)", name.lower())
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts), name
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+def _child(parent: Path, names: Sequence[str], what: str) -> Path:
+    """First existing entry of ``parent`` among ``names`` (case-insensitive), else FileNotFoundError."""
+    _require_dir(parent, f"folder containing {what}")
+    by_lower = {p.name.lower(): p for p in parent.iterdir()}
+    for n in names:
+        if (parent / n).exists():
+            return parent / n
+        if n.lower() in by_lower:
+            return by_lower[n.lower()]
+    raise FileNotFoundError(f"{what} not found in {parent}: expected one of {list(names)}")
+
+
+def _images_in(folder: Path) -> list[Path]:
+    """Image files directly inside ``folder``, in natural order."""
+    _require_dir(folder, "image folder")
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(files, key=_natural_key)
+
+
+def _check_split(split: str, valid: Sequence[str], dataset: str) -> None:
+    if split not in valid:
+        raise ValueError(f"unknown split {split!r} for {dataset}; valid splits: {list(valid)}")
+
+
+def _loadmat(path: Path) -> dict:
+    try:
+        return scipy.io.loadmat(str(path))
+    except Exception as exc:  # scipy raises several types for unreadable files; report which one
+        raise ValueError(f"cannot read MATLAB file {path}: {exc}") from exc
+
+
+def _mat_key(mat: dict, key: str, path: Path) -> Any:
+    if key not in mat:
+        keys = sorted(k for k in mat if not k.startswith("__"))
+        raise ValueError(f"{path}: expected key {key!r}, found {keys}")
+    return mat[key]
+
+
+# ----------------------------------------------------------------------------- ShanghaiTech
+
+
+def _read_shanghaitech_mat(path: Path) -> np.ndarray:
+    """Points of one ``GT_IMG_<n>.mat``: ``image_info[0,0][0,0]`` -> (location, number)."""
+    info = _mat_key(_loadmat(path), "image_info", path)
+    try:
+        record = info[0, 0][0, 0]
+        location, number = record["location"], record["number"]
+    except (IndexError, KeyError, ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: 'image_info' lacks the (location, number) record") from exc
+    points = from_matlab(location)
+    number = np.asarray(number).ravel()
+    if number.size and int(number[0]) != len(points):  # the redundant count guards against truncated files
+        raise ValueError(f"{path}: 'number' is {int(number[0])} but 'location' has {len(points)} points")
+    return points
+
+
+def shanghaitech(root: str | Path, part: str, split: str) -> CrowdDataset:
+    """ShanghaiTech Part A or B (Zhang et al., CVPR 2016).
+
+    ``root`` holds ``part_A_final``/``part_B_final`` (or ``part_A``/``part_B``), each with
+    ``{train,test}_data/images/IMG_<n>.jpg`` and ``ground_truth/`` (or ``ground-truth/``)
+    ``GT_IMG_<n>.mat``. Images are ordered by ``n``.
+    """
+    part = str(part).upper()
+    if part not in ("A", "B"):
+        raise ValueError(f"unknown ShanghaiTech part {part!r}; valid parts: ['A', 'B']")
+    _check_split(split, ("train", "test"), "ShanghaiTech")
+    root = _require_dir(Path(root), "ShanghaiTech root")
+    part_dir = _child(root, (f"part_{part}_final", f"part_{part}"), f"ShanghaiTech part {part}")
+    split_dir = _child(part_dir, (f"{split}_data",), f"ShanghaiTech {split} split")
+    images = _images_in(_child(split_dir, ("images",), "ShanghaiTech images folder"))
+    gt_dir = _child(split_dir, ("ground_truth", "ground-truth"), "ShanghaiTech ground-truth folder")
+    items = []
+    for img in images:
+        gt = gt_dir / f"GT_{img.stem}.mat"
+        if not gt.is_file():
+            raise FileNotFoundError(f"annotation for {img.name} not found: expected {gt}")
+        items.append(AnnotatedImage(img, _read_shanghaitech_mat(gt), gt))
+    return CrowdDataset(f"shanghaitech_{part}", split, items)
+
+
+# ----------------------------------------------------------------------------- Mall
+
+MALL_TRAIN_FRAMES = 800  # standard protocol: frames 1-800 train, 801-2000 test
+
+
+def mall(root: str | Path, split: str) -> CrowdDataset:
+    """Mall dataset (Chen et al., BMVC 2012): ``frames/seq_%06d.jpg`` + ``mall_gt.mat``.
+
+    ``split`` is ``train`` (frames 1-800), ``test`` (801-2000) or ``all``.
+    """
+    _check_split(split, ("train", "test", "all"), "Mall")
+    root = _require_dir(Path(root), "Mall root (mall_dataset folder)")
+    frames = _require_dir(root / "frames", "Mall frames folder")
+    gt_path = root / "mall_gt.mat"
+    if not gt_path.is_file():
+        raise FileNotFoundError(f"Mall ground truth not found: expected {gt_path}")
+    mat = _loadmat(gt_path)
+    frame = _mat_key(mat, "frame", gt_path)
+    counts = np.asarray(_mat_key(mat, "count", gt_path)).ravel()
+    n = frame.size
+    if counts.size != n:
+        raise ValueError(f"{gt_path}: {frame.size} frames but {counts.size} counts")
+    lo, hi = {"train": (0, MALL_TRAIN_FRAMES), "test": (MALL_TRAIN_FRAMES, n), "all": (0, n)}[split]
+    items = []
+    for i in range(lo, hi):
+        try:
+            loc = frame.flat[i]["loc"][0, 0]
+        except (IndexError, KeyError, ValueError, TypeError) as exc:
+            raise ValueError(f"{gt_path}: frame {i + 1} has no 'loc' field") from exc
+        points = from_matlab(loc)
+        if len(points) != int(counts[i]):
+            raise ValueError(f"{gt_path}: frame {i + 1} has {len(points)} points but count {int(counts[i])}")
+        img = frames / f"seq_{i + 1:06d}.jpg"
+        if not img.is_file():
+            raise FileNotFoundError(f"Mall frame not found: {img}")
+        items.append(AnnotatedImage(img, points, gt_path))
+    return CrowdDataset("mall", split, items)
+
+
+# ----------------------------------------------------------------------------- UCF-QNRF
+
+
+def ucf_qnrf(root: str | Path, split: str) -> CrowdDataset:
+    """UCF-QNRF (Idrees et al., ECCV 2018): ``Train|Test/img_<n>.jpg`` + ``img_<n>_ann.mat`` (``annPoints``)."""
+    _check_split(split, ("train", "test"), "UCF-QNRF")
+    root = _require_dir(Path(root), "UCF-QNRF root (UCF-QNRF_ECCV18 folder)")
+    folder = _child(root, (split.capitalize(),), f"UCF-QNRF {split} folder")
+    anns = {p.name.lower(): p for p in folder.iterdir() if p.name.lower().endswith("_ann.mat")}
+    items = []
+    for img in _images_in(folder):
+        ann = anns.get(f"{img.stem}_ann.mat".lower())  # releases mix 'Img_' and 'img_'
+        if ann is None:
+            raise FileNotFoundError(f"annotation for {img.name} not found: expected {folder / (img.stem + '_ann.mat')}")
+        points = _mat_key(_loadmat(ann), "annPoints", ann)
+        items.append(AnnotatedImage(img, from_matlab(points), ann))
+    return CrowdDataset("ucf_qnrf", split, items)
+
+
+# ----------------------------------------------------------------------------- JHU-Crowd++
+
+
+def _read_jhu_txt(path: Path) -> np.ndarray:
+    """``x y w h o b`` per line (0-based); only ``x y`` are kept. Empty file = no heads."""
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            rows.append((float(fields[0]), float(fields[1])))
+        except (IndexError, ValueError) as exc:
+            raise ValueError(f"{path}:{lineno}: expected 'x y w h o b', got {line!r}") from exc
+    return _as_points(rows, path)
+
+
+def jhu_crowd(root: str | Path, split: str) -> CrowdDataset:
+    """JHU-Crowd++ (Sindagi et al.): ``<split>/images/<id>.jpg`` + ``<split>/gt/<id>.txt``."""
+    _check_split(split, ("train", "val", "test"), "JHU-Crowd++")
+    root = _require_dir(Path(root), "JHU-Crowd++ root")
+    split_dir = _child(root, (split,), f"JHU-Crowd++ {split} folder")
+    images = _images_in(_child(split_dir, ("images",), "JHU-Crowd++ images folder"))
+    gt_dir = _child(split_dir, ("gt",), "JHU-Crowd++ gt folder")
+    items = []
+    for img in images:
+        txt = gt_dir / f"{img.stem}.txt"
+        if not txt.is_file():
+            raise FileNotFoundError(f"annotation for {img.name} not found: expected {txt}")
+        items.append(AnnotatedImage(img, _read_jhu_txt(txt), txt))
+    return CrowdDataset("jhu_crowd", split, items)
+
+
+# ----------------------------------------------------------------------------- NWPU-Crowd
+
+
+def _find_image(folder: Path, stem: str) -> Path:
+    for suffix in IMAGE_SUFFIXES:
+        for cand in (folder / f"{stem}{suffix}", folder / f"{stem}{suffix.upper()}"):
+            if cand.is_file():
+                return cand
+    raise FileNotFoundError(f"image {stem!r} not found in {folder} (tried {list(IMAGE_SUFFIXES)})")
+
+
+def _read_nwpu_json(path: Path) -> np.ndarray:
+    try:
+        data = json.loads(path.read_text())
+        return _as_points(data["points"], path)
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: expected a JSON object with a 'points' list") from exc
+
+
+def nwpu_crowd(root: str | Path, split: str) -> CrowdDataset:
+    """NWPU-Crowd (Wang et al., TPAMI 2020): ``images/<id>.jpg`` + ``jsons/<id>.json``.
+
+    ``train``/``val`` follow ``train.txt``/``val.txt`` (first token of each line is the id);
+    ``all`` is every image with a JSON (test images have none).
+    """
+    _check_split(split, ("train", "val", "all"), "NWPU-Crowd")
+    root = _require_dir(Path(root), "NWPU-Crowd root")
+    img_dir = _require_dir(root / "images", "NWPU-Crowd images folder")
+    json_dir = _require_dir(root / "jsons", "NWPU-Crowd jsons folder")
+    if split == "all":
+        ids = sorted((p.stem for p in json_dir.glob("*.json")), key=_natural_key)
+    else:
+        listing = root / f"{split}.txt"
+        if not listing.is_file():
+            raise FileNotFoundError(f"NWPU-Crowd split list not found: expected {listing}")
+        ids = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
+    items = []
+    for img_id in ids:
+        js = json_dir / f"{img_id}.json"
+        if not js.is_file():
+            raise FileNotFoundError(f"annotation for NWPU-Crowd image {img_id} not found: expected {js}")
+        items.append(AnnotatedImage(_find_image(img_dir, img_id), _read_nwpu_json(js), js))
+    return CrowdDataset("nwpu_crowd", split, items)
+
+
+# ----------------------------------------------------------------------------- custom data
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _csv_rows(path: Path, columns: Sequence[str]) -> list[list[str]]:
+    """Rows of ``path`` restricted to ``columns`` (by header name if a header exists, else by position)."""
+    with path.open(newline="") as fh:
+        rows = [[c.strip() for c in r] for r in csv.reader(fh) if any(c.strip() for c in r)]
+    if not rows:
+        return []
+    coord_start = len(columns) - 2  # x, y are the last two requested columns
+    header = rows[0]
+    # a header has a non-numeric word where coordinates go (empty cells are a 0-head row)
+    has_header = any(c and not _is_number(c) for c in header[coord_start:len(columns)])
+    if not has_header:
+        idx = list(range(len(columns)))
+    else:
+        lower = [h.lower() for h in header]
+        missing = [c for c in columns if c not in lower]
+        if missing:
+            raise ValueError(f"{path}: header {header} lacks column(s) {missing}")
+        idx = [lower.index(c) for c in columns]
+        rows = rows[1:]
+    out = []
+    for r in rows:
+        r = r + [""] * (max(idx) + 1 - len(r))
+        out.append([r[i] for i in idx])
+    return out
+
+
+def _parse_xy(x: str, y: str, path: Path) -> tuple[float, float] | None:
+    """A CSV (x, y) pair; both empty means 'no point on this row' (an image with 0 heads)."""
+    if x == "" and y == "":
+        return None
+    try:
+        return float(x), float(y)
+    except ValueError as exc:
+        raise ValueError(f"{path}: bad coordinates ({x!r}, {y!r})") from exc
+
+
+def _read_points_csv(path: Path) -> np.ndarray:
+    pts = [p for x, y in _csv_rows(path, ("x", "y")) if (p := _parse_xy(x, y, path)) is not None]
+    return _as_points(pts, path)
+
+
+def _json_points(data: Any, path: Path) -> np.ndarray:
+    if isinstance(data, dict):
+        if "points" not in data:
+            raise ValueError(f"{path}: expected {{'points': [[x, y], ...]}} or [[x, y], ...]")
+        data = data["points"]
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: points must be a list of [x, y]")
+    return _as_points(data, path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        text = path.read_text()
+        return json.loads(text) if text.strip() else []  # an empty file is an empty annotation
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: invalid JSON ({exc})") from exc
+
+
+def _single_file_annotations(path: Path, images: list[Path]) -> dict[Path, np.ndarray]:
+    """Map image -> points from one CSV (image,x,y) or JSON ({name: [[x, y], ...]}) file."""
+    lookup: dict[str, Path] = {}
+    for img in images:
+        lookup.setdefault(img.name, img)
+        lookup.setdefault(img.stem, img)
+    found: dict[Path, list] = {}
+    unknown: list[str] = []
+
+    def add(key: str, pts: Any) -> None:
+        img = lookup.get(Path(key).name) or lookup.get(key)
+        if img is None:
+            unknown.append(key)
+        else:
+            found.setdefault(img, []).extend(pts)
+
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        for name, x, y in _csv_rows(path, ("image", "x", "y")):
+            p = _parse_xy(x, y, path)
+            add(name, [] if p is None else [p])
+    elif suffix == ".json":
+        data = _read_json(path)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object {{image name: [[x, y], ...]}}")
+        for name, pts in data.items():
+            add(name, _json_points(pts, path).tolist())
+    else:
+        raise ValueError(f"{path}: single annotation file must be .csv or .json")
+    if unknown:
+        raise ValueError(f"{path}: annotations for images not in the folder: {sorted(set(unknown))[:10]}")
+    return {img: _as_points(pts, path) for img, pts in found.items()}
+
+
+def custom(images_dir: str | Path, annotations: str | Path | None = None) -> CrowdDataset:
+    """Bring-your-own data: a folder of images plus 0-based ``(x, y)`` head points.
+
+    Annotations are either one file per image, ``<stem>.csv`` (columns ``x,y``, header
+    optional) or ``<stem>.json`` (``{"points": [[x, y], ...]}`` or ``[[x, y], ...]``), next to
+    the images or in the folder ``annotations``; or one file ``annotations``: a CSV with
+    columns ``image,x,y`` (a row ``name,,`` marks an image with 0 heads) or a JSON object
+    ``{"image name": [[x, y], ...]}``. Every image needs an annotation; an empty one means 0 heads.
+    """
+    images_dir = _require_dir(Path(images_dir), "custom image folder")
+    images = _images_in(images_dir)
+    if not images:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {images_dir}")
+    ann = Path(annotations) if annotations is not None else images_dir
+    if not ann.exists():
+        raise FileNotFoundError(f"annotations not found: {ann}")
+    items = []
+    if ann.is_file():
+        table = _single_file_annotations(ann, images)
+        for img in images:
+            if img not in table:
+                raise ValueError(f"image {img.name} has no annotation in {ann}")
+            items.append(AnnotatedImage(img, table[img], ann))
+    else:
+        for img in images:
+            csv_path, json_path = ann / f"{img.stem}.csv", ann / f"{img.stem}.json"
+            if csv_path.is_file() and json_path.is_file():
+                raise ValueError(f"image {img.name} has both {csv_path.name} and {json_path.name}; keep one")
+            if csv_path.is_file():
+                items.append(AnnotatedImage(img, _read_points_csv(csv_path), csv_path))
+            elif json_path.is_file():
+                items.append(AnnotatedImage(img, _json_points(_read_json(json_path), json_path), json_path))
+            else:
+                raise FileNotFoundError(
+                    f"image {img.name} has no annotation: expected {csv_path} or {json_path}")
+    return CrowdDataset("custom", "all", items)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def _custom_split(root: str | Path, split: str) -> CrowdDataset:
+    """Custom data via the registry: ``all`` is ``root`` itself, other splits are ``root/<split>``."""
+    folder = Path(root) if split == "all" else Path(root) / split
+    ds = custom(folder)
+    ds.split = split
+    return ds
+
+
+DATASETS: dict[str, Callable[[str | Path, str], CrowdDataset]] = {
+    "sha": partial(shanghaitech, part="A"),
+    "shb": partial(shanghaitech, part="B"),
+    "mall": mall,
+    "ucf_qnrf": ucf_qnrf,
+    "jhu": jhu_crowd,
+    "nwpu": nwpu_crowd,
+    "custom": _custom_split,
+}
+
+SPLITS: dict[str, tuple[str, ...]] = {
+    "sha": ("train", "test"),
+    "shb": ("train", "test"),
+    "mall": ("train", "test", "all"),
+    "ucf_qnrf": ("train", "test"),
+    "jhu": ("train", "val", "test"),
+    "nwpu": ("train", "val", "all"),
+    "custom": ("all", "train", "val", "test"),
+}
+
+
+def load_dataset(name: str, root: str | Path, split: str) -> CrowdDataset:
+    """Load a registered dataset by name (see :data:`DATASETS`) and split (see :data:`SPLITS`)."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {sorted(DATASETS)}")
+    _check_split(split, SPLITS[name], name)
+    return DATASETS[name](root, split=split)
+
+
+def train_val_split(dataset: CrowdDataset, val_fraction: float = 0.1,
+                    seed: int = 0) -> tuple[CrowdDataset, CrowdDataset]:
+    """Carve a validation set out of a training split with a fixed-seed permutation.
+
+    Deterministic for a given ``seed``; both parts keep the dataset's original order.
+    Refuses the test split: model selection must never see test images.
+    """
+    if dataset.split == "test":
+        raise ValueError("refusing to carve validation from the test split: never validate on the test set")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    n = len(dataset)
+    if n < 2:
+        raise ValueError(f"need at least 2 images to split, {dataset.name}/{dataset.split} has {n}")
+    n_val = min(max(1, round(n * val_fraction)), n - 1)
+    val_idx = np.sort(np.random.default_rng(seed).permutation(n)[:n_val])
+    is_val = np.zeros(n, dtype=bool)
+    is_val[val_idx] = True
+    train = CrowdDataset(dataset.name, dataset.split, [it for it, v in zip(dataset, is_val) if not v])
+    val = CrowdDataset(dataset.name, "val", [it for it, v in zip(dataset, is_val) if v])
+    return train, val
+
+
+# ----------------------------------------------------------------------------- training samples
+
+
+class CrowdCrops(torch.utils.data.Dataset):
+    """Training samples (Section 3.4): a random 384x512 crop of an image and its six targets.
+
+    Each sample is ``(image, (map1, ..., map5, count))``: a normalised (3, 384, 512) float32
+    tensor, the five sum-pooled density maps (1, h, w) of branches 1..5 and the count (a
+    0-d tensor).  Augmentation: a random crop (an image smaller than 384x512 is padded right
+    and bottom with the ImageNet mean, its targets there are zero), a left-right mirror with
+    probability 1/2, and, only when ``grey_probability > 0`` (the authors' code: 0.1), a grey
+    crop.  ``crops_per_image`` repeats every image per pass (the authors' code: 30).
+    Randomness comes from torch's generator, so ``torch.manual_seed`` and DataLoader worker
+    seeding make runs repeatable.
+    """
+
+    def __init__(self, dataset: CrowdDataset, ground_truth: GroundTruthConfig = PAPER,
+                 crops_per_image: int = 1, mirror: bool = True, grey_probability: float = 0.0,
+                 cache: GroundTruthCache | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        self.dataset = dataset
+        self.ground_truth = ground_truth
+        self.crops_per_image = int(crops_per_image)
+        self.mirror = mirror
+        self.grey_probability = float(grey_probability)
+        self.cache = cache
+        self.max_pixels = max_pixels
+        self._kernels: dict[int, HeadKernels] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.crops_per_image
+
+    def kernels(self, index: int, height: int, width: int) -> HeadKernels:
+        """The ground truth of image ``index``: computed (or read from the disk cache) once."""
+        k = self._kernels.get(index)
+        if k is None or (k.height, k.width) != (height, width):
+            points = self.dataset[index].points
+            k = (self.cache.get(points, height, width, self.ground_truth) if self.cache is not None
+                 else HeadKernels.from_points(points, height, width, self.ground_truth))
+            self._kernels[index] = k
+        return k
+
+    def sample(self, index: int, top: int, left: int, flip: bool = False, grey: bool = False
+               ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The crop of image ``index`` at (top, left), deterministic (used by __getitem__)."""
+        image = load_image(self.dataset[index].image, max_pixels=self.max_pixels)
+        h, w = image.shape[:2]
+        patch = image[top:top + TILE[0], left:left + TILE[1]]
+        if grey:  # ITU-R 601 luma, as tf.image.rgb_to_grayscale
+            patch = np.repeat((patch @ np.array([0.299, 0.587, 0.114]))[..., None], 3, 2).round().astype(np.uint8)
+        x = torch.zeros(3, *TILE)
+        x[:, :patch.shape[0], :patch.shape[1]] = to_tensor(patch)
+        if flip:
+            x = x.flip(-1)  # the whole padded window, exactly as the targets are mirrored
+        targets = self.kernels(index, h, w).crop(top, left, flip=flip)
+        return x, (*(torch.from_numpy(m)[None] for m in targets.maps),
+                   torch.tensor(targets.count, dtype=torch.float32))
+
+    def __getitem__(self, i: int):
+        index = i // self.crops_per_image
+        h, w = image_size(self.dataset[index].image)
+        top = int(torch.randint(0, max(h - TILE[0], 0) + 1, ()))
+        left = int(torch.randint(0, max(w - TILE[1], 0) + 1, ()))
+        flip = self.mirror and bool(torch.rand(()) < 0.5)
+        grey = self.grey_probability > 0 and bool(torch.rand(()) < self.grey_probability)
+        return self.sample(index, top, left, flip, grey)

@@ -1,0 +1,285 @@
+"""Ground-truth density maps (Section 3.2): a fixed Gaussian at full resolution, then sum pooling.
+
+Each annotated head becomes a Gaussian of fixed ``sigma`` (5 in the paper; the authors' code
+uses 10 with a 49x49 kernel).  Sum pooling by 8, 16, 32, 64 and 128 turns the full-resolution
+map of a 384x512 crop into the five targets (48x64 ... 3x4), and the total is the count
+target, so every map of a crop sums to the same count.
+
+A Gaussian is separable, so the full-resolution density of a whole image is kept as two
+small factors, one 1-D kernel per head along each axis: ``density = ky.T @ kx``.  Sum pooling
+then acts on the factors (``pool(ky).T @ pool(kx)``), so the targets of a crop cost
+``O(heads x cells)`` instead of touching every pixel, and the factors are what is cached on
+disk (:class:`GroundTruthCache`, keyed by the annotation content, image size and settings).
+
+Mass (``keep_mass``):
+  * ``True`` (default, the paper's "sum is the ground truth count"): the region a target is
+    made for (a whole image, or a training crop the network sees as its image) owns the heads
+    whose pixel lies in it, and each such head's kernel is renormalised inside the region, so
+    a head near a border keeps all its mass.  Every map then sums to the number of annotated
+    heads in the region.  Heads annotated outside the image are clipped to its border pixel.
+  * ``False`` (the authors' code): the whole image is blurred with the fixed, normalised
+    kernel and crops are cut from it; mass falling outside the image or a crop is lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from .cache import cache_dir
+from .model import INPUT_SIZE, MAP_SIZES, MAP_STRIDES
+
+POOL_FACTORS: tuple[int, ...] = tuple(MAP_STRIDES[k] for k in sorted(MAP_STRIDES))  # 8 .. 128
+
+
+@dataclass(frozen=True)
+class GroundTruthConfig:
+    """How head points become density maps.
+
+    sigma: the fixed Gaussian's standard deviation in pixels (paper: 5).
+    kernel_size: odd kernel width; ``None`` -> ``2 * ceil(3 * sigma) + 1`` (31 for sigma 5).
+    keep_mass: see the module docstring (paper: True; authors' code: False).
+    """
+
+    sigma: float = 5.0
+    kernel_size: int | None = None
+    keep_mass: bool = True
+
+    def __post_init__(self):
+        if not self.sigma > 0:
+            raise ValueError(f"sigma must be > 0, got {self.sigma}")
+        if self.kernel_size is not None and (self.kernel_size < 1 or self.kernel_size % 2 == 0):
+            raise ValueError(f"kernel_size must be a positive odd number, got {self.kernel_size}")
+
+    @property
+    def radius(self) -> int:
+        size = self.kernel_size if self.kernel_size is not None else 2 * math.ceil(3 * self.sigma) + 1
+        return size // 2
+
+
+PAPER = GroundTruthConfig()  # Section 3.2
+OFFICIAL = GroundTruthConfig(sigma=10.0, kernel_size=49, keep_mass=False)  # the authors' code
+
+
+def gaussian_1d(sigma: float, radius: int) -> np.ndarray:
+    """A normalised 1-D Gaussian of length ``2 * radius + 1``."""
+    t = np.arange(-radius, radius + 1, dtype=np.float64)
+    g = np.exp(-0.5 * (t / sigma) ** 2)
+    return g / g.sum()
+
+
+def head_pixels(points: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(N, 2) int64 (row, col) of the pixel holding each head, clipped into the image.
+
+    Points are 0-based with pixel centres on integers, so the pixel is ``floor(v + 0.5)``.
+    """
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    col = np.clip(np.floor(pts[:, 0] + 0.5), 0, width - 1).astype(np.int64)
+    row = np.clip(np.floor(pts[:, 1] + 0.5), 0, height - 1).astype(np.int64)
+    return np.stack([row, col], 1)
+
+
+def _axis_kernels(centres: np.ndarray, length: int, g: np.ndarray) -> np.ndarray:
+    """(N, length) float64: row n holds the kernel ``g`` centred on ``centres[n]``, cut at the
+    image border (not renormalised here)."""
+    radius = len(g) // 2
+    out = np.zeros((len(centres), length), dtype=np.float64)
+    if len(centres) == 0:
+        return out
+    idx = centres[:, None] + np.arange(-radius, radius + 1)[None, :]
+    valid = (idx >= 0) & (idx < length)
+    rows = np.broadcast_to(np.arange(len(centres))[:, None], idx.shape)
+    out[rows[valid], idx[valid]] = np.broadcast_to(g, idx.shape)[valid]
+    return out
+
+
+class Targets(NamedTuple):
+    """The six training targets of one crop: five density maps (branch 1..5, float32) and the count."""
+
+    maps: tuple[np.ndarray, ...]
+    count: float
+
+
+@dataclass
+class HeadKernels:
+    """The full-resolution density of one image in separable form: ``density = ky.T @ kx``.
+
+    ``pixels`` (N, 2) is each head's (row, col); ``ky`` (N, H) and ``kx`` (N, W) are its
+    kernels along each axis (cut at the image border, not renormalised).
+    """
+
+    height: int
+    width: int
+    pixels: np.ndarray
+    ky: np.ndarray
+    kx: np.ndarray
+    config: GroundTruthConfig
+
+    @classmethod
+    def from_points(cls, points: np.ndarray, height: int, width: int,
+                    config: GroundTruthConfig = PAPER) -> "HeadKernels":
+        pixels = head_pixels(points, height, width)
+        g = gaussian_1d(config.sigma, config.radius)
+        return cls(height, width, pixels, _axis_kernels(pixels[:, 0], height, g),
+                   _axis_kernels(pixels[:, 1], width, g), config)
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def _factors(self, top: int, left: int, height: int, width: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """The kernels restricted to a region (zero outside the image), with the region's mass
+        rule applied; rows of heads that do not count are dropped."""
+        ky = _window(self.ky, top, height)
+        kx = _window(self.kx, left, width)
+        if not self.config.keep_mass:
+            return ky, kx
+        r, c = self.pixels[:, 0], self.pixels[:, 1]
+        inside = (r >= top) & (r < top + height) & (c >= left) & (c < left + width)
+        ky, kx = ky[inside], kx[inside]
+        # A head's own pixel is in the region, so both sums are > 0.
+        return ky / ky.sum(1, keepdims=True), kx / kx.sum(1, keepdims=True)
+
+    def density(self, top: int = 0, left: int = 0, height: int | None = None,
+                width: int | None = None) -> np.ndarray:
+        """The full-resolution density map of a region (default: the whole image), float32."""
+        height = self.height if height is None else height
+        width = self.width if width is None else width
+        ky, kx = self._factors(top, left, height, width)
+        return (ky.T @ kx).astype(np.float32)
+
+    def pyramid(self, top: int = 0, left: int = 0, height: int | None = None,
+                width: int | None = None, factors: tuple[int, ...] = POOL_FACTORS,
+                flip: bool = False) -> Targets:
+        """Sum-pooled maps of a region (default: the whole image, padded with zeros to a
+        multiple of each factor) and its count; ``flip`` mirrors left-right."""
+        height = self.height if height is None else height
+        width = self.width if width is None else width
+        ky, kx = self._factors(top, left, height, width)
+        if flip:
+            kx = kx[:, ::-1]
+        maps = tuple((sum_pool_axis(ky, f).T @ sum_pool_axis(kx, f)).astype(np.float32)
+                     for f in factors)
+        return Targets(maps, float(ky.sum(1) @ kx.sum(1)))
+
+    def crop(self, top: int, left: int, flip: bool = False) -> Targets:
+        """The six targets of the 384x512 training crop at (top, left) (may overhang the image:
+        the overhang is padding with zero targets)."""
+        return self.pyramid(top, left, *INPUT_SIZE, flip=flip)
+
+
+def _window(k: np.ndarray, start: int, length: int) -> np.ndarray:
+    """Columns ``start .. start + length`` of ``k``, zero where they fall outside it."""
+    n, total = k.shape
+    lo, hi = max(start, 0), min(start + length, total)
+    if lo == start and hi == start + length:
+        return k[:, lo:hi]
+    out = np.zeros((n, length), dtype=k.dtype)
+    if hi > lo:
+        out[:, lo - start:hi - start] = k[:, lo:hi]
+    return out
+
+
+def sum_pool_axis(k: np.ndarray, factor: int) -> np.ndarray:
+    """Sum pooling along the last axis (zero-padded to a multiple of ``factor``)."""
+    n, length = k.shape
+    cells = -(-length // factor)
+    if cells * factor != length:
+        k = np.concatenate([k, np.zeros((n, cells * factor - length), k.dtype)], 1)
+    return k.reshape(n, cells, factor).sum(2)
+
+
+def sum_pool(density: np.ndarray, factor: int) -> np.ndarray:
+    """Sum pooling of a 2-D map (Section 3.2, Figure 3): each output cell is the sum of a
+    ``factor x factor`` window; the map is zero-padded to a multiple of ``factor``."""
+    h, w = density.shape
+    ch, cw = -(-h // factor), -(-w // factor)
+    padded = np.zeros((ch * factor, cw * factor), dtype=np.float64)
+    padded[:h, :w] = density
+    return padded.reshape(ch, factor, cw, factor).sum((1, 3)).astype(density.dtype)
+
+
+def density_map(points: np.ndarray, height: int, width: int,
+                config: GroundTruthConfig = PAPER) -> np.ndarray:
+    """The full-resolution ground-truth density of an image, float32 (H, W)."""
+    return HeadKernels.from_points(points, height, width, config).density()
+
+
+# ----------------------------------------------------------------------------- cache
+_CACHE_VERSION = 1
+
+
+class GroundTruthCache:
+    """Head kernels computed once per image and kept on disk.
+
+    The key is the sha256 of the annotation (the points' bytes), the image size and the
+    ground-truth settings, so an edited annotation or another sigma never reads a stale entry.
+    Entries are small (``.npz`` of the per-head 1-D kernels, not a dense H x W map).
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root) if root is not None else cache_dir("targets")
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def key(points: np.ndarray, height: int, width: int, config: GroundTruthConfig) -> str:
+        h = hashlib.sha256()
+        h.update(np.ascontiguousarray(points, dtype=np.float64).tobytes())
+        h.update(json.dumps([_CACHE_VERSION, height, width, asdict(config)], sort_keys=True).encode())
+        return h.hexdigest()
+
+    def get(self, points: np.ndarray, height: int, width: int,
+            config: GroundTruthConfig = PAPER) -> HeadKernels:
+        path = self.root / f"{self.key(points, height, width, config)}.npz"
+        if path.exists():
+            try:
+                return self._read(path, height, width, config)
+            except (OSError, ValueError, KeyError):
+                path.unlink(missing_ok=True)  # a torn write: recompute
+        kernels = HeadKernels.from_points(points, height, width, config)
+        self._write(path, kernels)
+        return kernels
+
+    @staticmethod
+    def _write(path: Path, k: HeadKernels) -> None:
+        # Store each head's kernel window (2r+1 values) and where it starts, not the dense rows.
+        radius = k.config.radius
+        starts = k.pixels - radius
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, pixels=k.pixels, wy=_gather(k.ky, starts[:, 0], radius),
+                     wx=_gather(k.kx, starts[:, 1], radius))
+        tmp.replace(path)
+
+    @staticmethod
+    def _read(path: Path, height: int, width: int, config: GroundTruthConfig) -> HeadKernels:
+        with np.load(path) as z:
+            pixels, wy, wx = z["pixels"], z["wy"], z["wx"]
+        starts = pixels - config.radius
+        return HeadKernels(height, width, pixels, _scatter(wy, starts[:, 0], height),
+                           _scatter(wx, starts[:, 1], width), config)
+
+
+def _gather(k: np.ndarray, starts: np.ndarray, radius: int) -> np.ndarray:
+    idx = starts[:, None] + np.arange(2 * radius + 1)[None, :]
+    valid = (idx >= 0) & (idx < k.shape[1])
+    out = np.zeros(idx.shape, dtype=k.dtype)
+    rows = np.broadcast_to(np.arange(len(k))[:, None], idx.shape)
+    out[valid] = k[rows[valid], idx[valid]]
+    return out
+
+
+def _scatter(w: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
+    idx = starts[:, None] + np.arange(w.shape[1])[None, :]
+    valid = (idx >= 0) & (idx < length)
+    out = np.zeros((len(w), length), dtype=w.dtype)
+    rows = np.broadcast_to(np.arange(len(w))[:, None], idx.shape)
+    out[rows[valid], idx[valid]] = w[valid]
+    return out

