@@ -12,7 +12,12 @@ from torch import nn
 from deepcount.model import (ALL_BRANCHES, INPUT_SIZE, MAP_SIZES, CSRNet, DeepCount,
                              count_parameters)
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    with torch.no_grad():  # scoped: a module-level set_grad_enabled would leak into other files
+        yield
 
 
 def conv(cin, cout, kh, kw):  # parameters of a (transposed) convolution with bias

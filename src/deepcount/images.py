@@ -503,7 +503,10 @@ def to_tensor(image: np.ndarray) -> "torch.Tensor":
     """An (H, W, 3) uint8 RGB array -> a normalised (3, H, W) float32 tensor."""
     import torch
 
-    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    arr = np.ascontiguousarray(image)
+    if not arr.flags.writeable:  # torch warns on read-only buffers (e.g. np.asarray(PIL image))
+        arr = arr.copy()
+    t = torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return t.sub_(mean).div_(std)

@@ -65,7 +65,12 @@ def make_frontend(width: float = 1.0) -> nn.Sequential:
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         else:
             cout = scaled(int(v), width)
-            layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True)]
+            conv = nn.Conv2d(cin, cout, 3, padding=1)
+            # torchvision's VGG init, for when no VGG16 weights are loaded (e.g. a small width):
+            # PyTorch's default init fades the signal through ten ReLU layers.
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+            layers += [conv, nn.ReLU(inplace=True)]
             cin = cout
     return nn.Sequential(*layers)
 

@@ -140,7 +140,7 @@ class DensityMap:
         up = torch.nn.functional.interpolate(t, size=(max(1, round(cover_h)), max(1, round(cover_w))),
                                              mode="bilinear", align_corners=False)[0, 0, :h, :w]
         total, got = float(t.sum()), float(up.sum())
-        return (up * (total / got if got > 0 else 0.0)).numpy()
+        return (up * (total / got if abs(got) > 1e-12 else 0.0)).numpy()
 
 
 def _forward(model: nn.Module, batch: Tensor, branch: int | None) -> tuple[Tensor, Tensor | None]:
