@@ -117,8 +117,8 @@ def test_cache_is_keyed_by_content_and_settings(tmp_path, shb_test):
     files = list(tmp_path.glob("*.npz"))
     assert len(files) == 1
     b = cache.get(it.points, H, W, PAPER)  # read back from disk
-    np.testing.assert_array_equal(a.ky, b.ky)
-    np.testing.assert_array_equal(a.kx, b.kx)
+    np.testing.assert_array_equal(a.wy, b.wy)
+    np.testing.assert_array_equal(a.wx, b.wx)
     np.testing.assert_array_equal(a.pixels, b.pixels)
     cache.get(it.points, H, W, GroundTruthConfig(sigma=10.0))
     moved = it.points.copy()
@@ -127,7 +127,7 @@ def test_cache_is_keyed_by_content_and_settings(tmp_path, shb_test):
     assert len(list(tmp_path.glob("*.npz"))) == 3
     files[0].write_bytes(b"torn write")
     c = cache.get(it.points, H, W, PAPER)  # a broken entry is recomputed, not trusted
-    np.testing.assert_array_equal(a.ky, c.ky)
+    np.testing.assert_array_equal(a.wy, c.wy)
 
 
 def test_config_validation():

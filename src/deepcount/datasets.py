@@ -22,7 +22,7 @@ import numpy as np
 import scipy.io
 import torch
 
-from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, image_size, load_image, to_tensor
+from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, load_image, to_tensor
 from .model import INPUT_SIZE as TILE
 from .targets import PAPER, GroundTruthCache, GroundTruthConfig, HeadKernels
 
@@ -170,6 +170,18 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(files, key=_natural_key)
 
 
+def _paired(images: list[Path], annotation_of: Callable[[Path], Path],
+            read: Callable[[Path], np.ndarray]) -> list[AnnotatedImage]:
+    """Each image with the points of its own annotation file (which must exist)."""
+    items = []
+    for img in images:
+        ann = annotation_of(img)
+        if not ann.is_file():
+            raise FileNotFoundError(f"annotation for {img.name} not found: expected {ann}")
+        items.append(AnnotatedImage(img, read(ann), ann))
+    return items
+
+
 def _check_split(split: str, valid: Sequence[str], dataset: str) -> None:
     if split not in valid:
         raise ValueError(f"unknown split {split!r} for {dataset}; valid splits: {list(valid)}")
@@ -223,12 +235,7 @@ def shanghaitech(root: str | Path, part: str, split: str) -> CrowdDataset:
     split_dir = _child(part_dir, (f"{split}_data",), f"ShanghaiTech {split} split")
     images = _images_in(_child(split_dir, ("images",), "ShanghaiTech images folder"))
     gt_dir = _child(split_dir, ("ground_truth", "ground-truth"), "ShanghaiTech ground-truth folder")
-    items = []
-    for img in images:
-        gt = gt_dir / f"GT_{img.stem}.mat"
-        if not gt.is_file():
-            raise FileNotFoundError(f"annotation for {img.name} not found: expected {gt}")
-        items.append(AnnotatedImage(img, _read_shanghaitech_mat(gt), gt))
+    items = _paired(images, lambda img: gt_dir / f"GT_{img.stem}.mat", _read_shanghaitech_mat)
     return CrowdDataset(f"shanghaitech_{part}", split, items)
 
 
@@ -314,12 +321,7 @@ def jhu_crowd(root: str | Path, split: str) -> CrowdDataset:
     split_dir = _child(root, (split,), f"JHU-Crowd++ {split} folder")
     images = _images_in(_child(split_dir, ("images",), "JHU-Crowd++ images folder"))
     gt_dir = _child(split_dir, ("gt",), "JHU-Crowd++ gt folder")
-    items = []
-    for img in images:
-        txt = gt_dir / f"{img.stem}.txt"
-        if not txt.is_file():
-            raise FileNotFoundError(f"annotation for {img.name} not found: expected {txt}")
-        items.append(AnnotatedImage(img, _read_jhu_txt(txt), txt))
+    items = _paired(images, lambda img: gt_dir / f"{img.stem}.txt", _read_jhu_txt)
     return CrowdDataset("jhu_crowd", split, items)
 
 
@@ -586,7 +588,8 @@ class CrowdCrops(torch.utils.data.Dataset):
     probability 1/2, and, only when ``grey_probability > 0`` (the authors' code: 0.1), a grey
     crop.  ``crops_per_image`` repeats every image per pass (the authors' code: 30).
     Randomness comes from torch's generator, so ``torch.manual_seed`` and DataLoader worker
-    seeding make runs repeatable.
+    seeding make runs repeatable.  Each image's ground truth is computed once per process
+    (and read from / written to ``cache``, a :class:`GroundTruthCache`, when one is given).
     """
 
     def __init__(self, dataset: CrowdDataset, ground_truth: GroundTruthConfig = PAPER,
@@ -614,10 +617,11 @@ class CrowdCrops(torch.utils.data.Dataset):
             self._kernels[index] = k
         return k
 
-    def sample(self, index: int, top: int, left: int, flip: bool = False, grey: bool = False
-               ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    def sample(self, index: int, top: int, left: int, flip: bool = False, grey: bool = False,
+               image: np.ndarray | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """The crop of image ``index`` at (top, left), deterministic (used by __getitem__)."""
-        image = load_image(self.dataset[index].image, max_pixels=self.max_pixels)
+        if image is None:
+            image = load_image(self.dataset[index].image, max_pixels=self.max_pixels)
         h, w = image.shape[:2]
         patch = image[top:top + TILE[0], left:left + TILE[1]]
         if grey:  # ITU-R 601 luma, as tf.image.rgb_to_grayscale
@@ -632,9 +636,10 @@ class CrowdCrops(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         index = i // self.crops_per_image
-        h, w = image_size(self.dataset[index].image)
+        image = load_image(self.dataset[index].image, max_pixels=self.max_pixels)
+        h, w = image.shape[:2]
         top = int(torch.randint(0, max(h - TILE[0], 0) + 1, ()))
         left = int(torch.randint(0, max(w - TILE[1], 0) + 1, ()))
         flip = self.mirror and bool(torch.rand(()) < 0.5)
         grey = self.grey_probability > 0 and bool(torch.rand(()) < self.grey_probability)
-        return self.sample(index, top, left, flip, grey)
+        return self.sample(index, top, left, flip, grey, image)

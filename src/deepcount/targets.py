@@ -5,11 +5,13 @@ uses 10 with a 49x49 kernel).  Sum pooling by 8, 16, 32, 64 and 128 turns the fu
 map of a 384x512 crop into the five targets (48x64 ... 3x4), and the total is the count
 target, so every map of a crop sums to the same count.
 
-A Gaussian is separable, so the full-resolution density of a whole image is kept as two
-small factors, one 1-D kernel per head along each axis: ``density = ky.T @ kx``.  Sum pooling
-then acts on the factors (``pool(ky).T @ pool(kx)``), so the targets of a crop cost
-``O(heads x cells)`` instead of touching every pixel, and the factors are what is cached on
-disk (:class:`GroundTruthCache`, keyed by the annotation content, image size and settings).
+A Gaussian is separable, so the full-resolution density of a whole image is kept as one small
+1-D kernel per head along each axis (:class:`HeadKernels`); spread over a region's rows and
+columns they are two factors with ``density = ky.T @ kx``.  Sum pooling acts on the factors
+(``pool(ky).T @ pool(kx)`` is exactly the sum pooling of the full-resolution map), so the
+targets of a crop cost ``O(heads x cells)`` instead of touching every pixel.  The kernels are
+what is cached on disk (:class:`GroundTruthCache`, keyed by the annotation content, the image
+size and the settings).
 
 Mass (``keep_mass``):
   * ``True`` (default, the paper's "sum is the ground truth count"): the region a target is
@@ -34,7 +36,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .cache import cache_dir
-from .model import INPUT_SIZE, MAP_SIZES, MAP_STRIDES
+from .model import INPUT_SIZE, MAP_STRIDES
 
 POOL_FACTORS: tuple[int, ...] = tuple(MAP_STRIDES[k] for k in sorted(MAP_STRIDES))  # 8 .. 128
 
@@ -86,17 +88,23 @@ def head_pixels(points: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.stack([row, col], 1)
 
 
-def _axis_kernels(centres: np.ndarray, length: int, g: np.ndarray) -> np.ndarray:
-    """(N, length) float64: row n holds the kernel ``g`` centred on ``centres[n]``, cut at the
-    image border (not renormalised here)."""
+def _axis_windows(centres: np.ndarray, length: int, g: np.ndarray) -> np.ndarray:
+    """(N, 2r+1) float64: the kernel ``g`` around each centre, zero where it falls outside
+    ``0 .. length - 1`` (not renormalised here)."""
     radius = len(g) // 2
-    out = np.zeros((len(centres), length), dtype=np.float64)
-    if len(centres) == 0:
-        return out
     idx = centres[:, None] + np.arange(-radius, radius + 1)[None, :]
+    return np.where((idx >= 0) & (idx < length), g[None, :], 0.0)
+
+
+def _dense(windows: np.ndarray, starts: np.ndarray, offset: int, length: int) -> np.ndarray:
+    """(N, length) float64: each head's window placed on the axis of a region that begins at
+    ``offset`` (parts outside the region dropped)."""
+    n, k = windows.shape
+    out = np.zeros((n, length), dtype=np.float64)
+    idx = starts[:, None] - offset + np.arange(k)[None, :]
     valid = (idx >= 0) & (idx < length)
-    rows = np.broadcast_to(np.arange(len(centres))[:, None], idx.shape)
-    out[rows[valid], idx[valid]] = np.broadcast_to(g, idx.shape)[valid]
+    rows = np.broadcast_to(np.arange(n)[:, None], idx.shape)
+    out[rows[valid], idx[valid]] = windows[valid]
     return out
 
 
@@ -109,17 +117,20 @@ class Targets(NamedTuple):
 
 @dataclass
 class HeadKernels:
-    """The full-resolution density of one image in separable form: ``density = ky.T @ kx``.
+    """The full-resolution density of one image in separable form.
 
-    ``pixels`` (N, 2) is each head's (row, col); ``ky`` (N, H) and ``kx`` (N, W) are its
-    kernels along each axis (cut at the image border, not renormalised).
+    ``pixels`` (N, 2) is each head's (row, col); ``wy`` and ``wx`` (N, 2r+1) are its 1-D
+    kernels along each axis, centred on that pixel and cut at the image border (not
+    renormalised).  The density is ``sum_n outer(wy_n, wx_n)`` placed at the heads' pixels,
+    i.e. ``ky.T @ kx`` with the windows spread over the image axes; only the O(N r) windows
+    are stored.
     """
 
     height: int
     width: int
     pixels: np.ndarray
-    ky: np.ndarray
-    kx: np.ndarray
+    wy: np.ndarray
+    wx: np.ndarray
     config: GroundTruthConfig
 
     @classmethod
@@ -127,25 +138,29 @@ class HeadKernels:
                     config: GroundTruthConfig = PAPER) -> "HeadKernels":
         pixels = head_pixels(points, height, width)
         g = gaussian_1d(config.sigma, config.radius)
-        return cls(height, width, pixels, _axis_kernels(pixels[:, 0], height, g),
-                   _axis_kernels(pixels[:, 1], width, g), config)
+        return cls(height, width, pixels, _axis_windows(pixels[:, 0], height, g),
+                   _axis_windows(pixels[:, 1], width, g), config)
 
     def __len__(self) -> int:
         return len(self.pixels)
 
     def _factors(self, top: int, left: int, height: int, width: int
                  ) -> tuple[np.ndarray, np.ndarray]:
-        """The kernels restricted to a region (zero outside the image), with the region's mass
-        rule applied; rows of heads that do not count are dropped."""
-        ky = _window(self.ky, top, height)
-        kx = _window(self.kx, left, width)
-        if not self.config.keep_mass:
-            return ky, kx
-        r, c = self.pixels[:, 0], self.pixels[:, 1]
-        inside = (r >= top) & (r < top + height) & (c >= left) & (c < left + width)
-        ky, kx = ky[inside], kx[inside]
-        # A head's own pixel is in the region, so both sums are > 0.
-        return ky / ky.sum(1, keepdims=True), kx / kx.sum(1, keepdims=True)
+        """(n, height) and (n, width) kernels over a region (zero outside the image), with the
+        mass rule applied; only heads that put mass in the region are kept."""
+        r, c, radius = self.pixels[:, 0], self.pixels[:, 1], self.config.radius
+        if self.config.keep_mass:  # the region owns the heads whose pixel lies in it
+            keep = (r >= top) & (r < top + height) & (c >= left) & (c < left + width)
+        else:  # every head whose kernel reaches into the region
+            keep = ((r + radius >= top) & (r - radius < top + height)
+                    & (c + radius >= left) & (c - radius < left + width))
+        ky = _dense(self.wy[keep], r[keep] - radius, top, height)
+        kx = _dense(self.wx[keep], c[keep] - radius, left, width)
+        if self.config.keep_mass:
+            # A head's own pixel is in the region, so both sums are > 0.
+            ky /= ky.sum(1, keepdims=True)
+            kx /= kx.sum(1, keepdims=True)
+        return ky, kx
 
     def density(self, top: int = 0, left: int = 0, height: int | None = None,
                 width: int | None = None) -> np.ndarray:
@@ -173,18 +188,6 @@ class HeadKernels:
         """The six targets of the 384x512 training crop at (top, left) (may overhang the image:
         the overhang is padding with zero targets)."""
         return self.pyramid(top, left, *INPUT_SIZE, flip=flip)
-
-
-def _window(k: np.ndarray, start: int, length: int) -> np.ndarray:
-    """Columns ``start .. start + length`` of ``k``, zero where they fall outside it."""
-    n, total = k.shape
-    lo, hi = max(start, 0), min(start + length, total)
-    if lo == start and hi == start + length:
-        return k[:, lo:hi]
-    out = np.zeros((n, length), dtype=k.dtype)
-    if hi > lo:
-        out[:, lo - start:hi - start] = k[:, lo:hi]
-    return out
 
 
 def sum_pool_axis(k: np.ndarray, factor: int) -> np.ndarray:
@@ -249,37 +252,12 @@ class GroundTruthCache:
 
     @staticmethod
     def _write(path: Path, k: HeadKernels) -> None:
-        # Store each head's kernel window (2r+1 values) and where it starts, not the dense rows.
-        radius = k.config.radius
-        starts = k.pixels - radius
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
-            np.savez(f, pixels=k.pixels, wy=_gather(k.ky, starts[:, 0], radius),
-                     wx=_gather(k.kx, starts[:, 1], radius))
+            np.savez(f, pixels=k.pixels, wy=k.wy, wx=k.wx)
         tmp.replace(path)
 
     @staticmethod
     def _read(path: Path, height: int, width: int, config: GroundTruthConfig) -> HeadKernels:
         with np.load(path) as z:
-            pixels, wy, wx = z["pixels"], z["wy"], z["wx"]
-        starts = pixels - config.radius
-        return HeadKernels(height, width, pixels, _scatter(wy, starts[:, 0], height),
-                           _scatter(wx, starts[:, 1], width), config)
-
-
-def _gather(k: np.ndarray, starts: np.ndarray, radius: int) -> np.ndarray:
-    idx = starts[:, None] + np.arange(2 * radius + 1)[None, :]
-    valid = (idx >= 0) & (idx < k.shape[1])
-    out = np.zeros(idx.shape, dtype=k.dtype)
-    rows = np.broadcast_to(np.arange(len(k))[:, None], idx.shape)
-    out[valid] = k[rows[valid], idx[valid]]
-    return out
-
-
-def _scatter(w: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
-    idx = starts[:, None] + np.arange(w.shape[1])[None, :]
-    valid = (idx >= 0) & (idx < length)
-    out = np.zeros((len(w), length), dtype=w.dtype)
-    rows = np.broadcast_to(np.arange(len(w))[:, None], idx.shape)
-    out[rows[valid], idx[valid]] = w[valid]
-    return out
+            return HeadKernels(height, width, z["pixels"], z["wy"], z["wx"], config)

