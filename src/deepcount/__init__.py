@@ -6,3 +6,7 @@ fusion") and are run at inference only when a density map is asked for.
 """
 
 __version__ = "0.1.0"
+
+from .predict import Counter, CountResult  # noqa: E402  (the public entry point)
+
+__all__ = ["Counter", "CountResult", "__version__"]

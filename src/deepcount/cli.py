@@ -11,8 +11,7 @@ from . import __version__
 
 def _count(args: argparse.Namespace) -> int:
     from .images import IMAGE_EXTENSIONS, ImageLoadError
-    from .predict import MODELS, count_image, load_model
-    from .tiling import MODES  # noqa: F401  (choices below)
+    from .predict import Counter
 
     files: list[Path] = []
     failed = 0
@@ -25,18 +24,18 @@ def _count(args: argparse.Namespace) -> int:
             files += found
         else:
             files.append(p)
-    print(f"model: {args.model}: {MODELS[args.model]}", file=sys.stderr)
-    model = load_model(args.model, args.device)
+    counter = Counter.load(args.model, device=args.device, tiling=args.tiling, batch_size=args.batch_size)
+    print(f"model: {counter.description}", file=sys.stderr)
     width = max([len(str(f)) for f in files] + [5])
     print(f"{'image':<{width}}  {'count':>9}  tiles")
     for f in files:
         try:
-            pred = count_image(model, f, args.tiling, args.batch_size)
+            res = counter.count(f)
         except ImageLoadError as e:
             print(f"error: {e}", file=sys.stderr)
             failed += 1
             continue
-        print(f"{str(f):<{width}}  {pred.count:>9.1f}  {pred.tiles}")
+        print(f"{str(f):<{width}}  {res.count:>9.1f}  {res.tiles}")
     return 1 if failed else 0
 
 
@@ -62,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("count", help="count people in images")
     p.add_argument("paths", nargs="+", help="image files or folders")
-    p.add_argument("--model", default="csrnet-baseline", choices=["csrnet-baseline", "deepcount-untrained"])
-    p.add_argument("--tiling", default="pad", choices=["pad", "grid"],
-                   help="pad: keep scale, pad to whole 384x512 tiles (default); grid: resize to a grid of tiles (authors' code)")
+    p.add_argument("--model", default="default", help="registered model name or a .safetensors path")
+    p.add_argument("--tiling", default=None, choices=["pad", "grid"],
+                   help="pad: keep scale, pad to whole 384x512 tiles; grid: resize to a grid of "
+                        "tiles (authors' code); default: the model's own")
     p.add_argument("--batch-size", type=int, default=8, help="tiles per forward pass")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.set_defaults(func=_count)

@@ -214,6 +214,7 @@ class CSRNet(nn.Module):
 
     def __init__(self, width: float = 1.0):
         super().__init__()
+        self.config = {"width": float(width)}
         self.frontend = make_frontend(width)
         layers: list[nn.Module] = []
         cin = scaled(512, width)
@@ -235,6 +236,26 @@ class CSRNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Counts (the density map's sum), shape (B,)."""
         return self.density(x).sum(dim=(1, 2, 3))
+
+
+def build(architecture: dict) -> nn.Module:
+    """A network from its description: ``{"model": "deepcount", "width", "activation",
+    "branches"}`` or ``{"model": "csrnet", "width"}`` (what ``model.config`` holds plus the name)."""
+    arch = dict(architecture)
+    name = arch.pop("model", None)
+    if name == "deepcount":
+        return DeepCount(**arch)
+    if name == "csrnet":
+        return CSRNet(**arch)
+    raise ValueError(f"unknown architecture {name!r}; expected 'deepcount' or 'csrnet'")
+
+
+def architecture(model: nn.Module) -> dict:
+    """The inverse of :func:`build`."""
+    name = "deepcount" if isinstance(model, DeepCount) else "csrnet" if isinstance(model, CSRNet) else None
+    if name is None:
+        raise TypeError(f"not a deepcount network: {type(model).__name__}")
+    return {"model": name, **model.config}
 
 
 def count_parameters(module: nn.Module) -> int:

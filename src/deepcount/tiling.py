@@ -15,7 +15,7 @@ counts add up and density maps are stitched back to image coordinates.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,41 +143,71 @@ class DensityMap:
         return (up * (total / got if abs(got) > 1e-12 else 0.0)).numpy()
 
 
-def _forward(model: nn.Module, batch: Tensor, branch: int | None) -> tuple[Tensor, Tensor | None]:
-    """Counts (b,) and, when a branch is asked for, its maps (b, h, w)."""
-    if isinstance(model, CSRNet):
-        density = model.density(batch)
-        return density.sum((1, 2, 3)), density[:, 0] if branch is not None else None
-    if branch is None:
-        return model(batch), None
-    count, maps = model.forward_maps(batch, [branch])
-    return count, maps[branch][:, 0]
+Runner = Callable[[Tensor, "int | None"], "tuple[Tensor, Tensor | None]"]
+
+
+def torch_runner(model: nn.Module) -> Runner:
+    """(batch, branch) -> (counts (b,), maps (b, h, w) or None) for a DeepCount or CSRNet:
+    the backbone alone unless a branch is asked for; a CSRNet counts by its density map
+    (stride 8, the size of branch 1's)."""
+    def run(batch: Tensor, branch: int | None) -> tuple[Tensor, Tensor | None]:
+        if isinstance(model, CSRNet):
+            density = model.density(batch)
+            return density.sum((1, 2, 3)), density[:, 0] if branch is not None else None
+        if branch is None:
+            return model(batch), None
+        count, maps = model.forward_maps(batch, [branch])
+        return count, maps[branch][:, 0]
+    return run
 
 
 @torch.inference_mode()
-def count_tiles(model: nn.Module, image: np.ndarray, mode: str = "pad", batch_size: int = 8,
+def count_tiles(model: nn.Module | Runner, image: np.ndarray, mode: str = "pad", batch_size: int = 8,
                 branch: int | None = None, device: str | torch.device | None = None
                 ) -> tuple[float, DensityMap | None, list[float]]:
     """Count the people in an (H, W, 3) uint8 image of any size.
 
-    Returns the image's count (the sum of its tiles' backbone counts), the density map of
-    ``branch`` stitched in image coordinates (None when no branch is asked for: then no branch
-    runs), and the per-tile counts.  A ``CSRNet`` counts by its density map, whose stride is 8.
+    ``model`` is a DeepCount / CSRNet (on ``device``, default: where its parameters are) or a
+    runner as made by :func:`torch_runner` (e.g. an exported model's session).  Returns the
+    image's count (the sum of its tiles' backbone counts), the density map of ``branch``
+    stitched in image coordinates (None when no branch is asked for: then no branch runs),
+    and the per-tile counts.
     """
     plan = plan_tiles(image.shape[0], image.shape[1], mode)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if isinstance(model, nn.Module):
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        run = torch_runner(model)
+    else:
+        device, run = torch.device(device or "cpu"), model
+    # A density-map network (CSRNet) counts by its map, so its cells in the padding are dropped.
+    by_map = isinstance(model, CSRNet)
+    ask = 1 if by_map and branch is None else branch
     counts = torch.empty(len(plan), dtype=torch.float64)
     maps: Tensor | None = None
     for batch, indices in tile_batches(image, plan, batch_size):
-        c, m = _forward(model, batch.to(device), branch)
-        counts[indices] = c.double().cpu()
+        c, m = run(batch.to(device), ask)
         if m is not None:
+            m = m.float().cpu()
+            if by_map:
+                c = (m * _inside(plan, indices, m.shape[-2:])).sum((1, 2))
             if maps is None:
                 maps = torch.empty(len(plan), *m.shape[1:])
-            maps[indices] = m.float().cpu()
+            maps[indices] = m
+        counts[indices] = c.double().cpu()
     density = None
-    if maps is not None:
+    if maps is not None and branch is not None:
         stride = TILE_HEIGHT // maps.shape[1]
         density = DensityMap(stitch(plan, maps), plan.cell_size(stride), (plan.height, plan.width))
     return float(counts.sum()), density, counts.tolist()
 
+
+def _inside(plan: TilePlan, indices: list[int], shape: torch.Size) -> Tensor:
+    """(b, h, w) masks of the map cells of tiles ``indices`` that are not wholly padding."""
+    h, w = shape
+    stride = TILE_HEIGHT // h
+    ch, cw = plan.map_shape(stride)
+    mask = torch.zeros(len(indices), h, w)
+    for j, i in enumerate(indices):
+        r, c = divmod(i, plan.cols)
+        mask[j, :max(0, min(h, ch - r * h)), :max(0, min(w, cw - c * w))] = 1
+    return mask

