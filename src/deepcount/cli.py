@@ -73,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=float, default=1.0)
     p.set_defaults(func=_summary)
 
+    # Each of these modules owns its subcommand (its parser and what it runs).
+    from . import export, serve, video
+    for module in (video, export, serve):
+        module.add_command(sub)
+
     args = parser.parse_args(argv)
     return args.func(args)
 
