@@ -21,3 +21,22 @@ def data_root() -> Path:
 @pytest.fixture(scope="session")
 def shb_root(data_root: Path) -> Path:
     return data_root / "ShanghaiTech"
+
+
+PHOTO_REL = "part_B_final/test_data/images/IMG_1.jpg"  # 1024x768, 23 annotated heads
+
+
+@pytest.fixture(scope="session")
+def photo_path(shb_root: Path) -> Path:
+    path = shb_root / PHOTO_REL
+    assert path.is_file(), path
+    return path
+
+
+@pytest.fixture(scope="session")
+def counter():
+    """The one real counter of the suite: the default model (the CSRNet baseline) on CPU.
+    Tests must not change its settings."""
+    from deepcount import Counter
+
+    return Counter.load("default", device="cpu")

@@ -22,19 +22,10 @@ from deepcount.images import (
     load_image,
 )
 
-PHOTO_REL = "part_B_final/test_data/images/IMG_1.jpg"
-
 
 # ------------------------------------------------------------------------------------
 # fixtures
 # ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def photo_path(shb_root: Path) -> Path:
-    path = shb_root / PHOTO_REL
-    assert path.is_file(), path
-    return path
 
 
 @pytest.fixture(scope="session")

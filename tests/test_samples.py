@@ -3,7 +3,6 @@ overfits four of them with the loss of eq. 3."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -11,7 +10,7 @@ from deepcount.datasets import CrowdCrops, shanghaitech
 from deepcount.images import load_image, to_tensor
 from deepcount.loss import paper_loss
 from deepcount.model import MAP_SIZES, DeepCount
-from deepcount.targets import OFFICIAL, GroundTruthCache, HeadKernels, head_pixels
+from deepcount.targets import OFFICIAL, GroundTruthCache, head_pixels
 
 
 @pytest.fixture(scope="module")

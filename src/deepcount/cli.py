@@ -3,39 +3,287 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
+import glob
+import json
+import os
+import re
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from . import __version__
+from .images import DEFAULT_MAX_PIXELS
+
+
+# ----------------------------------------------------------------------------- count
+@dataclass
+class _Item:
+    """One entry of a ``count`` run: a file to count, or an argument that named none
+    (``error`` set: a missing path, an empty folder, a pattern matching no image)."""
+
+    label: str
+    path: Path | None = None
+    error: str | None = None
+
+
+def _natural_key(path: Path) -> list:
+    """IMG_2 before IMG_10."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", path.name)]
+
+
+def _images_in(folder: Path) -> list[Path]:
+    from .images import IMAGE_EXTENSIONS
+
+    return sorted((f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and not f.is_dir()),
+                  key=_natural_key)
+
+
+def expand_paths(args: Sequence[str]) -> list[_Item]:
+    """Files, folders (their images, by extension, in natural order) and glob patterns
+    (expanded here when the shell did not, e.g. quoted ``"dir/*.jpg"``), in argument order,
+    each file once.  Arguments that name no image become error items, so they are reported
+    in their place and nothing is dropped silently."""
+    from .images import IMAGE_EXTENSIONS
+
+    items: list[_Item] = []
+    seen: set[str] = set()
+
+    def add(path: Path) -> None:
+        key = os.path.realpath(path)
+        if key not in seen:
+            seen.add(key)
+            items.append(_Item(str(path), path))
+
+    for arg in args:
+        p = Path(arg)
+        if p.is_dir():
+            try:
+                found = _images_in(p)
+            except OSError as e:
+                items.append(_Item(arg, error=f"cannot list this folder ({e.strerror or e})"))
+                continue
+            if not found:
+                items.append(_Item(arg, error="no images in this folder (looked for "
+                                              f"{', '.join(sorted(IMAGE_EXTENSIONS))})"))
+            for f in found:
+                add(f)
+        elif os.path.lexists(arg):
+            add(p)  # any file named explicitly is tried, whatever its extension
+        elif glob.has_magic(arg):
+            matches = sorted(glob.glob(arg, recursive=True))
+            files: list[Path] = []
+            for m in map(Path, matches):
+                files += _images_in(m) if m.is_dir() else [m] if m.suffix.lower() in IMAGE_EXTENSIONS else []
+            if not files:
+                items.append(_Item(arg, error="no images match this pattern" if not matches else
+                                   f"none of the {len(matches)} paths matching this pattern is an image"))
+            for f in files:
+                add(f)
+        else:
+            items.append(_Item(arg, error="no such file or folder"))
+    return items
+
+
+def density_names(paths: Sequence[Path]) -> list[str]:
+    """One distinct PNG name per image: ``<stem>.png``; stems that occur more than once get
+    their folder's name in front (``a_IMG_1.png``, ``b_IMG_1.png``), then ``-2``, ``-3`` ...
+    if that is still not enough."""
+    stems: dict[str, int] = {}
+    for p in paths:
+        stems[p.stem.lower()] = stems.get(p.stem.lower(), 0) + 1
+    used: set[str] = set()
+    names = []
+    for p in paths:
+        base = p.stem
+        if stems[p.stem.lower()] > 1:
+            folder = Path(os.path.abspath(p)).parent.name or "root"
+            base = f"{folder}_{p.stem}"
+        name, n = base, 1
+        while name.lower() in used:
+            n += 1
+            name = f"{base}-{n}"
+        used.add(name.lower())
+        names.append(name + ".png")
+    return names
+
+
+def _cli_reason(reason: str) -> str:
+    """The loader's advice in command-line terms."""
+    return re.sub(r"pass max_pixels=(\d+) \(or None\)", r"use --max-pixels \1 (or 0 for no limit)", reason)
+
+
+def _fmt_count(value: float) -> str:
+    return f"{round(value, 1) + 0.0:.1f}"  # never "-0.0"
+
+
+ROW_FIELDS = ("source", "count", "height", "width", "tiles", "seconds", "status", "error")
+
+
+def _open_output(path: str, what: str) -> tuple[TextIO | None, str | None]:
+    try:
+        return open(path, "w", newline="" if what == "csv" else None, encoding="utf-8"), None
+    except OSError as e:
+        return None, f"error: cannot write the {what} file {path}: {e.strerror or e}"
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e)))
 
 
 def _count(args: argparse.Namespace) -> int:
-    from .images import IMAGE_EXTENSIONS, ImageLoadError
-    from .predict import Counter
+    try:
+        return _count_images(args)
+    except BrokenPipeError:  # whoever read stdout went away (`deepcount count dir | head`)
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1
 
-    files: list[Path] = []
-    failed = 0
-    for p in map(Path, args.paths):
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
-            if not found:
-                print(f"error: {p}: no images in this folder", file=sys.stderr)
-                failed += 1
-            files += found
-        else:
-            files.append(p)
-    counter = Counter.load(args.model, device=args.device, tiling=args.tiling, batch_size=args.batch_size)
-    print(f"model: {counter.description}", file=sys.stderr)
-    width = max([len(str(f)) for f in files] + [5])
-    print(f"{'image':<{width}}  {'count':>9}  tiles")
-    for f in files:
+
+def _count_images(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .images import ImageLoadError
+    from .predict import Counter, resolve_device
+
+    def fail(message: str) -> int:
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+    if args.batch_size < 1:
+        return fail(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.max_pixels < 0:
+        return fail(f"--max-pixels must be 0 (no limit) or more, got {args.max_pixels}")
+    if args.density is not None:
+        from matplotlib import colormaps
+
+        if args.cmap not in colormaps:
+            return fail(f"--cmap {args.cmap!r} is not a matplotlib colormap "
+                        "(e.g. jet, viridis, inferno, magma, turbo)")
+    try:
+        resolve_device(args.device)
+    except ValueError as e:
+        return fail(str(e))
+
+    with contextlib.ExitStack() as stack:
+        outputs: dict[str, TextIO] = {}
+        for what, path in (("csv", args.csv), ("json", args.json)):
+            if path is not None:
+                handle, problem = _open_output(path, what)
+                if problem:
+                    print(problem, file=sys.stderr)
+                    return 2
+                outputs[what] = stack.enter_context(handle)
+        density_dir = Path(args.density) if args.density is not None else None
+        if density_dir is not None:
+            try:
+                density_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                return fail(f"cannot create the --density folder {density_dir}: {e.strerror or e}")
+
         try:
-            res = counter.count(f)
-        except ImageLoadError as e:
-            print(f"error: {e}", file=sys.stderr)
-            failed += 1
-            continue
-        print(f"{str(f):<{width}}  {res.count:>9.1f}  {res.tiles}")
+            counter = Counter.load(args.model, device=args.device, tiling=args.tiling,
+                                   batch_size=args.batch_size, max_pixels=args.max_pixels or None,
+                                   backend=args.backend)
+        except (OSError, ImportError, KeyError, ValueError, RuntimeError) as e:  # incl. HashMismatchError
+            text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            return fail(f"cannot load model {args.model!r}: {text}")
+        print(f"model: {counter.description}", file=sys.stderr)
+        if density_dir is not None and 1 not in counter.density_branches:
+            return fail(f"model {counter.name} has no 48x64 density map (branch 1) for --density")
+
+        items = expand_paths(args.paths)
+        files = [it.path for it in items if it.path is not None]
+        pngs = dict(zip(files, density_names(files))) if density_dir is not None else {}
+        writer = None
+        if "csv" in outputs:
+            fields = ROW_FIELDS + (("density",) if density_dir is not None else ())
+            writer = csv.DictWriter(outputs["csv"], fieldnames=fields, extrasaction="ignore")
+            writer.writeheader()
+
+        width = max([len(it.label) for it in items] + [len("image"), len("total")])
+        out = sys.stdout
+
+        def line(text: str) -> None:
+            tqdm.write(text, file=out)
+
+        line(f"{'image':<{width}}  {'count':>9}  {'tiles':>5}  {'size (HxW)':>11}  {'seconds':>7}")
+        rows: list[dict] = []
+        total = 0.0
+        tiles = 0
+        seconds = 0.0
+        counted = failed = 0
+        interrupted = False
+        bar = tqdm(total=len(items), unit="image", file=sys.stderr, dynamic_ncols=True,
+                   disable=args.quiet or not sys.stderr.isatty())
+        try:
+            for it in items:
+                row = {"source": it.label, "count": None, "height": None, "width": None,
+                       "tiles": None, "seconds": None, "status": "error", "error": it.error or ""}
+                if it.path is not None:
+                    bar.set_postfix_str(it.path.name, refresh=False)
+                    try:
+                        res = counter.count(it.path, density=1 if density_dir is not None else None)
+                    except ImageLoadError as e:
+                        row["error"] = _cli_reason(e.reason)
+                    except (MemoryError, RuntimeError) as e:
+                        if not _out_of_memory(e):
+                            raise
+                        row["error"] = f"out of memory while counting ({type(e).__name__}); " \
+                                       "try --batch-size 1 or a smaller image"
+                    else:
+                        row.update(count=res.count, height=res.image_size[0], width=res.image_size[1],
+                                   tiles=res.tiles, seconds=round(res.seconds, 3), status="ok")
+                        if density_dir is not None:
+                            from .pictures import overlay, save_png
+
+                            target = density_dir / pngs[it.path]
+                            try:
+                                picture = overlay(counter.read(it.path), res.density, res.count, args.cmap,
+                                                  label=f"count {_fmt_count(res.count)} ({counter.name})")
+                                save_png(picture, target)
+                                row["density"] = str(target)
+                            except (OSError, ImageLoadError) as e:
+                                row.update(status="error", error=f"counted ({_fmt_count(res.count)}), but "
+                                           f"cannot write the density picture {target}: {e}")
+                if row["status"] == "ok":
+                    counted += 1
+                    total += res.count
+                    tiles += res.tiles
+                    seconds += res.seconds
+                    line(f"{it.label:<{width}}  {_fmt_count(res.count):>9}  {res.tiles:>5}  "
+                         f"{f'{res.image_size[0]}x{res.image_size[1]}':>11}  {res.seconds:>7.1f}")
+                else:
+                    failed += 1
+                    tqdm.write(f"error: {it.label}: {row['error']}", file=sys.stderr)
+                rows.append(row)
+                if writer is not None:
+                    writer.writerow({k: "" if v is None else v for k, v in row.items()})
+                    outputs["csv"].flush()
+                bar.update(1)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            bar.close()
+
+        summary = f"{counted} image{'s' if counted != 1 else ''}" + (f", {failed} failed" if failed else "")
+        if interrupted:
+            summary += f", interrupted after {len(rows)} of {len(items)}"
+        line(f"{'total':<{width}}  {_fmt_count(total):>9}  {tiles:>5}  {'':>11}  {seconds:>7.1f}  {summary}")
+        if "json" in outputs:
+            json.dump({"model": counter.name, "description": counter.description, "tiling": counter.tiling,
+                       "total": total, "counted": counted, "failed": failed, "images": rows},
+                      outputs["json"], indent=2)
+            outputs["json"].write("\n")
+    if interrupted:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     return 1 if failed else 0
 
 
@@ -59,14 +307,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"deepcount {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("count", help="count people in images")
-    p.add_argument("paths", nargs="+", help="image files or folders")
-    p.add_argument("--model", default="default", help="registered model name or a .safetensors path")
+    p = sub.add_parser(
+        "count", help="count people in images",
+        description="Count the people in images: a table on stdout, the model and any errors on "
+                    "stderr. A file that cannot be read is reported and the run goes on; the exit "
+                    "code is 1 if any path failed, 2 for a usage, model or device error.")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="image files, folders (the images in them) or glob patterns (\"dir/*.jpg\")")
+    p.add_argument("--model", default="default",
+                   help="registered model name or a .safetensors path (default: %(default)s)")
     p.add_argument("--tiling", default=None, choices=["pad", "grid"],
                    help="pad: keep scale, pad to whole 384x512 tiles; grid: resize to a grid of "
                         "tiles (authors' code); default: the model's own")
-    p.add_argument("--batch-size", type=int, default=8, help="tiles per forward pass")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--batch-size", type=int, default=8, help="tiles per forward pass (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"], help="onnxruntime: run a `deepcount export` .onnx file (auto: by the --model suffix)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="refuse images with more pixels, read from the header before decoding "
+                        "(decompression-bomb guard); 0 = no limit (default: %(default)s)")
+    p.add_argument("--csv", metavar="FILE", help="write one row per path (source, count, height, width, "
+                                                 "tiles, seconds, status, error)")
+    p.add_argument("--json", metavar="FILE", help="write the same rows, with the model, as JSON")
+    p.add_argument("--density", metavar="DIR",
+                   help="write <image stem>.png per image into DIR: the 48x64-per-tile density "
+                        "map over the photo, count in the corner")
+    p.add_argument("--cmap", default="jet", help="matplotlib colormap for --density (default: %(default)s)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_count)
 
     p = sub.add_parser("summary", help="parameter counts per module (Table 1)")

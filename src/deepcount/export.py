@@ -1,5 +1,647 @@
-"""(being written) `deepcount export`."""
+"""``deepcount export``: a counting network as an ONNX or TorchScript file, checked against
+PyTorch on real photos; and the onnxruntime runner behind ``Counter.load(..., backend="onnxruntime")``.
+
+The exported graph takes normalised 384x512 tiles, ``tiles`` (N, 3, 384, 512) float32 with a
+dynamic batch N (``deepcount.tiling`` makes them from an image of any size), and returns
+
+* ``count`` (N,): the per-tile counts.  For a DeepCount this is the backbone alone: when no
+  ``--density`` is asked for, the exported module holds no branch at all, so the graph has no
+  branch weights and no transposed convolution;
+* ``density`` (N, 1, h, w): with ``--density K`` (branch K, or its map size such as ``48x64``),
+  that branch's map.  A CSRNet's count *is* the sum of its stride-8 map (48x64), so CSRNet
+  exports always carry it (it costs nothing extra): ``Counter`` needs the map to drop the cells
+  that lie wholly in a tile's padding, as the PyTorch path does.
+
+What the file is travels with it: ONNX ``metadata_props`` / TorchScript ``_extra_files``
+(``deepcount.json``) hold the deepcount version, model name and description, architecture,
+sha256 of the source weights, outputs, density branch, tiling and exporter, so
+``Counter.load("model.onnx")`` needs nothing else.  ONNX files also hold
+``deepcount.graph_sha256``, the sha256 of the serialised graph (weights included): a file edited
+after export is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import __version__
+from .model import INPUT_SIZE, MAP_SIZES, CSRNet, DeepCount, architecture
+
+FORMATS = ("onnx", "torchscript")
+# ai.onnx opset 18: what torch's dynamo exporter emits natively (no version conversion), run by
+# every onnxruntime since 1.14 (1.32 supports up to 23).
+OPSET = 18
+INPUT_NAME = "tiles"
+META_PREFIX = "deepcount."
+TORCHSCRIPT_META = "deepcount.json"
+PARITY_THRESHOLD = 1e-4
+CHECK_TILES = 3  # real tiles the parity check runs: one at a time, then as one batch of 3
+CHECK_BATCH_SIZES = (1, 3)
+EXAMPLE_PHOTO = "shanghaitech_b_test_IMG_1.jpg"  # examples/ in the repository
+EXAMPLE_RESCALE = 0.6  # the built-in check's second image: the photo at 0.6x (padded tiles)
+
+
+class ExportError(ValueError):
+    """An export or an exported file that deepcount cannot use (bad request, unreadable or
+    modified file)."""
+
+
+# ----------------------------------------------------------------------------- the graph
+class CountGraph(nn.Module):
+    """What is exported: tiles -> ``count`` (N,) [, ``density`` (N, 1, h, w)].
+
+    Holds only the modules its outputs need: a DeepCount's backbone, plus branch ``branch``
+    when one is asked for; a CSRNet whole (count = its map's sum, the map always output).
+    """
+
+    def __init__(self, net: nn.Module, branch: int | None = None):
+        super().__init__()
+        self.is_csrnet = isinstance(net, CSRNet)
+        if self.is_csrnet:
+            if branch not in (None, 1):
+                raise ExportError(f"a CSRNet has one density map, stride 8 ({_size(1)}, branch 1); "
+                                  f"got branch {branch}")
+            self.csrnet = net
+            self.branch_index: int | None = 1
+        elif isinstance(net, DeepCount):
+            if branch is not None and str(branch) not in net.branches:
+                raise ExportError(f"this DeepCount has no branch {branch} ({_size(branch)}); "
+                                  f"attached: {net.attached}")
+            self.backbone = net.backbone
+            self.branch = net.branches[str(branch)] if branch is not None else None
+            self.branch_index = branch
+        else:
+            raise ExportError(f"not a deepcount network: {type(net).__name__}")
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["count"] if self.branch_index is None else ["count", "density"]
+
+    def forward(self, tiles: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        if self.is_csrnet:
+            density = self.csrnet.density(tiles)
+            return density.sum((1, 2, 3)), density
+        if self.branch is None:
+            return self.backbone(tiles)
+        vector, skips = self.backbone.features(tiles)
+        return self.backbone.head(vector), self.branch(vector, skips)
+
+
+def _size(branch: int | None) -> str:
+    if branch not in MAP_SIZES:
+        return "?"
+    h, w = MAP_SIZES[branch]
+    return f"{h}x{w}"
+
+
+def prepare(model: str | os.PathLike = "default", density: int | str | None = None
+            ) -> tuple[CountGraph, dict[str, str]]:
+    """The module to export for ``model`` (registry name or ``.safetensors`` path) and the
+    metadata that goes into the file."""
+    from .predict import load_network, parse_density
+
+    net, info = load_network(model)
+    graph = CountGraph(net, parse_density(density)).eval()
+    return graph, metadata(graph, info)
+
+
+def metadata(graph: CountGraph, info: dict) -> dict[str, str]:
+    """The ``deepcount.*`` key/value strings written into an exported file."""
+    net = graph.csrnet if graph.is_csrnet else None
+    arch = architecture(net) if net is not None else dict(info["architecture"])
+    if not graph.is_csrnet:
+        arch["branches"] = [graph.branch_index] if graph.branch_index is not None else []
+    described = {k: v for k, v in info.items() if k not in ("file", "convert")}
+    branch = graph.branch_index
+    outputs = {"count": ["N"]}
+    if branch is not None:
+        outputs["density"] = ["N", 1, *MAP_SIZES[branch]]
+    meta = {
+        "version": __version__,
+        "model_name": str(info.get("name", "?")),
+        "description": str(info.get("description") or ""),
+        "architecture": json.dumps(arch, sort_keys=True),
+        "source_architecture": json.dumps(info["architecture"], sort_keys=True),
+        "source_sha256": str(info.get("sha256", "")),
+        "outputs": json.dumps(outputs),
+        "density_branch": "" if branch is None else str(branch),
+        "counts_by_map": json.dumps(graph.is_csrnet),
+        "tiling": str(info.get("tiling", "pad")),
+        "input": json.dumps({"name": INPUT_NAME, "shape": ["N", 3, *INPUT_SIZE], "dtype": "float32",
+                             "normalisation": "RGB / 255, ImageNet mean and std",
+                             "padding": "0 (the mean) right and bottom"}),
+        "info": json.dumps(described, sort_keys=True, default=str),
+    }
+    return {META_PREFIX + k: v for k, v in meta.items()}
+
+
+# ----------------------------------------------------------------------------- writers
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Keep the exporters' warnings and log lines (missing torchvision ops, deprecations,
+    tracer notes on the constant input-size check) off the terminal."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export",
+                                              "onnxscript", "torch.fx.experimental")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def graph_digest(model: Any) -> str:
+    """sha256 of an ONNX model's serialised graph (nodes and weights; not its metadata)."""
+    return hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _example() -> Tensor:
+    return torch.zeros(2, 3, *INPUT_SIZE)  # batch 2: the exporter must not specialise N to 1
+
+
+def onnx_model(graph: CountGraph, opset: int = OPSET) -> tuple[Any, str]:
+    """The ONNX ModelProto of ``graph`` and a line naming the exporter used: torch's dynamo
+    exporter (dynamic batch via ``dynamic_shapes``); if that fails, the TorchScript-based one
+    (``dynamo=False``, ``dynamic_axes``), and the line says why."""
+    import onnx
+
+    names = graph.output_names
+    with _quiet(), torch.no_grad():
+        try:
+            program = torch.onnx.export(
+                graph, (_example(),), dynamo=True, verbose=False, opset_version=opset,
+                input_names=[INPUT_NAME], output_names=names,
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+            return program.model_proto, f"torch.onnx dynamo exporter (torch {torch.__version__}), opset {opset}"
+        except Exception as e:  # noqa: BLE001 - any exporter failure: fall back, and say so
+            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "graph.onnx"
+            torch.onnx.export(graph, (_example(),), str(path), dynamo=False, opset_version=opset,
+                              input_names=[INPUT_NAME], output_names=names,
+                              dynamic_axes={n: {0: "batch"} for n in [INPUT_NAME, *names]})
+            model = onnx.load(str(path))
+    return model, (f"torch.onnx TorchScript-based exporter (dynamo=False, torch {torch.__version__}), "
+                   f"opset {opset}; the dynamo exporter failed: {reason}")
+
+
+def write_onnx(graph: CountGraph, meta: dict[str, str], path: str | os.PathLike,
+               opset: int = OPSET) -> str:
+    """Export ``graph`` to ``path`` (one self-contained file) with ``meta`` and the graph
+    digest in its metadata_props; returns the exporter line."""
+    model, exporter = onnx_model(graph, opset)
+    model.producer_name, model.producer_version = "deepcount", __version__
+    model.doc_string = meta.get(META_PREFIX + "description", "")
+    props = {**meta, META_PREFIX + "exporter": exporter, META_PREFIX + "opset": str(opset),
+             META_PREFIX + "graph_sha256": graph_digest(model)}
+    keep = [(p.key, p.value) for p in model.metadata_props if p.key not in props]
+    del model.metadata_props[:]
+    for key, value in [*keep, *props.items()]:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    _atomic_write(Path(path), model.SerializeToString(deterministic=True))
+    return exporter
+
+
+def write_torchscript(graph: CountGraph, meta: dict[str, str], path: str | os.PathLike) -> str:
+    """``torch.jit.trace`` of ``graph`` saved with ``meta`` as ``_extra_files``
+    (``deepcount.json``); returns the exporter line.  The traced graph runs any batch size."""
+    with _quiet(), torch.no_grad():
+        traced = torch.jit.trace(graph, (_example(),), check_trace=False)
+    exporter = f"torch.jit.trace (torch {torch.__version__})"
+    extra = {TORCHSCRIPT_META: json.dumps({**meta, META_PREFIX + "exporter": exporter}, indent=1)}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    with _quiet():  # torch.jit.save warns that TorchScript is deprecated
+        torch.jit.save(traced, str(tmp), _extra_files=extra)
+    tmp.replace(path)
+    return exporter
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- readers
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``deepcount.*`` metadata of an exported ``.onnx`` or TorchScript file, prefix
+    stripped and JSON values decoded."""
+    path = Path(path)
+    if _is_onnx(path):
+        raw = {p.key: p.value for p in _load_onnx(path).metadata_props}
+    else:
+        extra = {TORCHSCRIPT_META: ""}
+        try:
+            with _quiet():
+                torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        except Exception as e:  # noqa: BLE001
+            raise ExportError(f"{path}: not a readable TorchScript file ({_first_line(e)})") from e
+        raw = json.loads(extra[TORCHSCRIPT_META] or "{}")
+    return _decode_meta(raw, path)
+
+
+def _decode_meta(raw: dict[str, str], path: Path) -> dict[str, Any]:
+    meta = {k[len(META_PREFIX):]: v for k, v in raw.items() if k.startswith(META_PREFIX)}
+    if "version" not in meta or "outputs" not in meta:
+        raise ExportError(f"{path}: no deepcount metadata; only files written by "
+                          "`deepcount export` can be loaded")
+    for key in ("architecture", "source_architecture", "outputs", "counts_by_map", "input", "info"):
+        if key in meta:
+            meta[key] = json.loads(meta[key])
+    meta["density_branch"] = int(meta["density_branch"]) if meta.get("density_branch") else None
+    return meta
+
+
+def _is_onnx(path: Path) -> bool:
+    return path.suffix.lower() == ".onnx"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+def _load_onnx(path: Path, data: bytes | None = None) -> Any:
+    """The ModelProto of ``path``, refused (ExportError) when unreadable or not deepcount's."""
+    import onnx
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such ONNX file")
+    try:
+        model = onnx.load_model_from_string(data if data is not None else path.read_bytes())
+    except Exception as e:  # noqa: BLE001 - protobuf raises its own DecodeError
+        raise ExportError(f"{path}: not a readable ONNX model ({_first_line(e)})") from e
+    if not len(model.graph.node):
+        raise ExportError(f"{path}: not a readable ONNX model (no graph)")
+    return model
+
+
+def verify_onnx(path: str | os.PathLike, data: bytes | None = None) -> dict[str, Any]:
+    """The decoded metadata of a deepcount ONNX file after checking that its graph is the one
+    exported (sha256 in its metadata); ExportError otherwise."""
+    path = Path(path)
+    model = _load_onnx(path, data)
+    meta = _decode_meta({p.key: p.value for p in model.metadata_props}, path)
+    expected = meta.get("graph_sha256", "")
+    if graph_digest(model) != expected:
+        raise ExportError(f"{path}: the graph does not match the sha256 recorded at export "
+                          f"({expected[:16] or 'none'}...); the file was modified or damaged, "
+                          "and was not loaded. Export it again with `deepcount export`.")
+    return meta
+
+
+# ----------------------------------------------------------------------------- runners
+ExportedFn = Callable[[Tensor], list[Tensor]]  # (N,3,384,512) -> [count (N,), density (N,1,h,w)?]
+
+
+def onnx_providers(device: str | torch.device = "auto") -> list:
+    """onnxruntime providers for ``device``: CUDA first when asked (or ``auto``) and available."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    kind = str(device).split(":")[0]
+    if kind not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if kind == "cuda" and "CUDAExecutionProvider" not in available:
+        raise ValueError("device 'cuda' asked for, but onnxruntime has no CUDAExecutionProvider "
+                         "(install onnxruntime-gpu)")
+    if kind in ("cuda", "auto") and "CUDAExecutionProvider" in available:
+        index = torch.device(device).index if kind == "cuda" else None
+        cuda = ("CUDAExecutionProvider", {"device_id": index}) if index else "CUDAExecutionProvider"
+        return [cuda, "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def onnx_session(path: str | os.PathLike, device: str | torch.device = "auto"
+                 ) -> tuple[Any, dict[str, Any]]:
+    """A verified onnxruntime InferenceSession of a deepcount ONNX file and its metadata."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    data = path.read_bytes() if path.is_file() else None
+    meta = verify_onnx(path, data)
+    try:
+        session = ort.InferenceSession(data, providers=onnx_providers(device))
+    except Exception as e:  # noqa: BLE001 - onnxruntime's own error types
+        raise ExportError(f"{path}: onnxruntime cannot run this model ({_first_line(e)})") from e
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    if inputs != [INPUT_NAME] or outputs != list(meta["outputs"]):
+        raise ExportError(f"{path}: inputs {inputs} / outputs {outputs} are not the ones its "
+                          f"metadata describes ({INPUT_NAME!r} / {list(meta['outputs'])})")
+    return session, meta
+
+
+class OnnxRunner:
+    """A ``deepcount.tiling`` runner over an onnxruntime session: (tiles, branch) ->
+    (counts (b,), maps (b, h, w) or None).  ``counts_by_map`` (CSRNet) tells ``count_tiles``
+    to count by the map so that cells wholly in a tile's padding are dropped."""
+
+    def __init__(self, session: Any, meta: dict[str, Any]):
+        self.session = session
+        self.meta = meta
+        self.branch: int | None = meta["density_branch"]
+        self.counts_by_map = bool(meta.get("counts_by_map", False))
+
+    def __call__(self, batch: Tensor, branch: int | None) -> tuple[Tensor, Tensor | None]:
+        if branch is not None and branch != self.branch:
+            raise ValueError(f"this ONNX model has no density branch {branch} ({_size(branch)}); "
+                             + (f"it was exported with branch {self.branch} ({_size(self.branch)})"
+                                if self.branch else "it was exported without --density"))
+        names = ["count"] if branch is None else ["count", "density"]
+        x = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
+        out = self.session.run(names, {INPUT_NAME: x})
+        counts = torch.from_numpy(out[0])
+        return counts, (torch.from_numpy(out[1])[:, 0] if branch is not None else None)
+
+
+def load_onnx_runner(path: str | os.PathLike, device: str | torch.device = "auto"
+                     ) -> tuple[OnnxRunner, dict]:
+    """What ``Counter.load(path, backend="onnxruntime")`` runs: the runner and the Counter's
+    ``info`` (name, description, architecture, source sha256, tiling, exported branches)."""
+    session, meta = onnx_session(path, device)
+    info = dict(meta.get("info") or {})
+    info.update({
+        "name": meta["model_name"],
+        "description": (meta.get("description") or f"exported {meta['model_name']}")
+        + f" [ONNX, onnxruntime {session.get_providers()[0]}: {path}]",
+        "architecture": meta["architecture"],
+        "sha256": meta.get("source_sha256", ""),
+        "tiling": meta.get("tiling", "pad"),
+        "file": str(path),
+        "backend": "onnxruntime",
+        "providers": session.get_providers(),
+        "branches": [meta["density_branch"]] if meta["density_branch"] is not None else [],
+        "export": {k: meta[k] for k in ("version", "exporter", "opset", "graph_sha256") if k in meta},
+    })
+    return OnnxRunner(session, meta), info
+
+
+def cached_onnx(name_or_path: str | os.PathLike = "default") -> Path:
+    """The ONNX export of a registered model or ``.safetensors`` file in the user cache
+    (``deepcount/onnx``), exported on first use (count only; a CSRNet with its map), keyed by
+    the weights' sha256 and the deepcount version."""
+    from .cache import cache_dir
+    from .weights import DEFAULT_MODEL, REGISTRY, sha256_file
+
+    key = str(name_or_path)
+    name = DEFAULT_MODEL if key == "default" else key
+    if name in REGISTRY:
+        sha = REGISTRY[name].sha256
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such model file (nor a registered model name)")
+        name, sha = path.stem, sha256_file(path)
+    target = cache_dir("onnx") / f"{name}-{sha[:16]}-deepcount{__version__}.onnx"
+    if not target.exists():
+        graph, meta = prepare(name_or_path)
+        if meta[META_PREFIX + "source_sha256"] != sha:
+            raise ExportError(f"{name_or_path}: weights changed while exporting")
+        write_onnx(graph, meta, target)
+    return target
+
+
+def exported_fn(path: str | os.PathLike, fmt: str) -> ExportedFn:
+    """The exported file as a function of a batch of tiles, for the parity check."""
+    if fmt == "onnx":
+        session, meta = onnx_session(path, "cpu")
+        names = list(meta["outputs"])
+        return lambda x: [torch.from_numpy(a) for a in session.run(names, {INPUT_NAME: x.numpy()})]
+    with _quiet():
+        module = torch.jit.load(str(path), map_location="cpu").eval()
+
+    def run(x: Tensor) -> list[Tensor]:
+        with torch.inference_mode():
+            out = module(x)
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+    return run
+
+
+# ----------------------------------------------------------------------------- parity check
+@dataclass
+class ParityRow:
+    batch_size: int
+    tiles: int
+    count_error: float
+    density_error: float | None
+
+
+@dataclass
+class ParityReport:
+    """Exported vs PyTorch on real tiles.  Count error: max over tiles of |a - b| / max(|b|, 1)
+    (relative; absolute below one person).  Density error: max |A - B| / max |B| per tile,
+    i.e. relative to the map's peak."""
+
+    rows: list[ParityRow]
+    threshold: float = PARITY_THRESHOLD
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def max_error(self) -> float:
+        errs = [r.count_error for r in self.rows] + [r.density_error for r in self.rows
+                                                      if r.density_error is not None]
+        return max(errs) if errs else math.inf
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.rows) and self.max_error <= self.threshold  # NaN fails
+
+
+def check_images(paths: Sequence[str | os.PathLike] | None = None
+                 ) -> list[tuple[str, np.ndarray]]:
+    """The real photos the check runs on: ``paths``, or the repository's example photo and the
+    same photo at 0.6x (a second size, whose tiles are partly padding)."""
+    from PIL import Image
+
+    from .images import load_image
+
+    if paths:
+        return [(str(p), load_image(p)) for p in paths]
+    here = Path(__file__).resolve()
+    for root in (here.parents[2], Path.cwd()):
+        photo = root / "examples" / EXAMPLE_PHOTO
+        if photo.is_file():
+            break
+    else:
+        raise ExportError(f"the example photo examples/{EXAMPLE_PHOTO} is not here (installed "
+                          "without the repository); pass real photos with --check-images")
+    image = load_image(photo)
+    h, w = image.shape[:2]
+    size = (round(w * EXAMPLE_RESCALE), round(h * EXAMPLE_RESCALE))
+    small = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    rel = os.path.relpath(photo) if not os.path.relpath(photo).startswith("..") else str(photo)
+    return [(rel, image), (f"{rel} at {EXAMPLE_RESCALE}x", small)]
+
+
+def real_tiles(images: Sequence[tuple[str, np.ndarray]], tiling: str = "pad",
+               limit: int = CHECK_TILES) -> Tensor:
+    """Up to ``limit`` normalised tiles, taken in turn from each image (its first tile, then
+    its second, ...), as ``count_tiles`` makes them."""
+    from .tiling import plan_tiles, tile_batches
+
+    per_image = []
+    for _, image in images:
+        plan = plan_tiles(image.shape[0], image.shape[1], tiling)
+        per_image.append(torch.cat([b for b, _ in tile_batches(image, plan, batch_size=limit)])[:limit])
+    picked: list[Tensor] = []
+    for i in range(limit):
+        picked += [t[i] for t in per_image if i < len(t)]
+    return torch.stack(picked[:limit])
+
+
+def check_parity(exported: ExportedFn, graph: nn.Module, tiles: Tensor,
+                 batch_sizes: Sequence[int] = CHECK_BATCH_SIZES,
+                 threshold: float = PARITY_THRESHOLD) -> ParityReport:
+    """Run ``exported`` on ``tiles`` in batches of each size and compare with ``graph``
+    (PyTorch)."""
+    with torch.inference_mode():
+        ref = graph(tiles)
+    ref = [r.double() for r in (ref if isinstance(ref, (tuple, list)) else [ref])]
+    rows = []
+    for bs in batch_sizes:
+        outs = [exported(tiles[i:i + bs].contiguous()) for i in range(0, len(tiles), bs)]
+        got = [torch.cat([o[j] for o in outs]).double() for j in range(len(outs[0]))]
+        if len(got) != len(ref) or any(g.shape != r.shape for g, r in zip(got, ref)):
+            raise ExportError(f"exported outputs {[tuple(g.shape) for g in got]} at batch {bs} "
+                              f"do not match PyTorch's {[tuple(r.shape) for r in ref]}")
+        count_err = float(((got[0] - ref[0]).abs() / ref[0].abs().clamp_min(1.0)).max())
+        density_err = None
+        if len(ref) > 1:
+            diff = (got[1] - ref[1]).abs().flatten(1).amax(1)
+            scale = ref[1].abs().flatten(1).amax(1).clamp_min(1e-12)
+            density_err = float((diff / scale).max())
+        rows.append(ParityRow(bs, len(tiles), count_err, density_err))
+    return ParityReport(rows, threshold)
+
+
+# ----------------------------------------------------------------------------- command
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    exporter: str
+    seconds: float
+    size: int
+    sha256: str
+    metadata: dict[str, str]
+    outputs: list[str]
+
+
+def export(model: str | os.PathLike = "default", fmt: str = "onnx",
+           output: str | os.PathLike = "deepcount.onnx", density: int | str | None = None,
+           opset: int = OPSET) -> tuple[ExportResult, CountGraph]:
+    """Export ``model`` to ``output``; returns what was written and the PyTorch module it is
+    a copy of (for :func:`check_parity`)."""
+    from .weights import sha256_file
+
+    if fmt not in FORMATS:
+        raise ExportError(f"format must be one of {FORMATS}, got {fmt!r}")
+    output = Path(output)
+    if fmt == "onnx" and not _is_onnx(output):
+        raise ExportError(f"{output}: an ONNX file must end in .onnx (Counter picks the "
+                          "backend by it)")
+    if output.parent and not output.parent.is_dir():
+        raise ExportError(f"{output.parent}: no such folder")
+    graph, meta = prepare(model, density)
+    start = time.perf_counter()
+    if fmt == "onnx":
+        exporter = write_onnx(graph, meta, output, opset)
+    else:
+        exporter = write_torchscript(graph, meta, output)
+    seconds = time.perf_counter() - start
+    result = ExportResult(output, fmt, exporter, seconds, output.stat().st_size,
+                          sha256_file(output), meta, graph.output_names)
+    return result, graph
+
+
+def _describe_outputs(graph: CountGraph) -> str:
+    parts = ["count (N,)"]
+    if graph.branch_index is not None:
+        h, w = MAP_SIZES[graph.branch_index]
+        parts.append(f"density (N,1,{h},{w})" + (" [CSRNet: always; count = its sum]"
+                                                  if graph.is_csrnet else f" [branch {graph.branch_index}]"))
+    return ", ".join(parts)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .images import ImageLoadError
+
+    try:
+        images = check_images(args.check_images)  # first: a bad path fails before exporting
+        result, graph = export(args.model, args.format, args.output, args.density, args.opset)
+    except (ExportError, ValueError, KeyError, FileNotFoundError, ImageLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    meta = result.metadata
+    print(f"model: {meta[META_PREFIX + 'model_name']}: {meta[META_PREFIX + 'description'] or '(no description)'}")
+    print(f"exported: {result.path} ({result.format})")
+    print(f"  exporter: {result.exporter}")
+    print(f"  input: {INPUT_NAME} (N,3,{INPUT_SIZE[0]},{INPUT_SIZE[1]}) float32, dynamic batch N")
+    print(f"  outputs: {_describe_outputs(graph)}")
+    print(f"  size: {result.size:,} bytes ({result.size / 2**20:.1f} MiB)")
+    print(f"  sha256: {result.sha256}")
+    print(f"  export time: {result.seconds:.1f} s")
+    if result.format == "torchscript":
+        print("  note: TorchScript is deprecated in recent torch; ONNX is what Counter "
+              "(backend onnxruntime) loads")
+    try:
+        tiles = real_tiles(images, meta[META_PREFIX + "tiling"])
+        report = check_parity(exported_fn(result.path, result.format), graph, tiles)
+    except (ExportError, ValueError) as e:
+        print(f"parity check: FAIL ({e})")
+        return 1
+    print(f"parity vs PyTorch on {len(tiles)} real 384x512 tiles of: " + "; ".join(n for n, _ in images))
+    for row in report.rows:
+        line = f"  batch {row.batch_size}: count max rel err {row.count_error:.2e}"
+        if row.density_error is not None:
+            line += f", density max rel err {row.density_error:.2e}"
+        print(line)
+    verdict = "PASS" if report.passed else "FAIL"
+    print(f"{verdict}: max rel err {report.max_error:.2e} (threshold {report.threshold:.0e})")
+    return 0 if report.passed else 1
 
 
 def add_command(subparsers) -> None:
     """Register the `export` subcommand on the `deepcount` parser."""
+    p = subparsers.add_parser(
+        "export", help="export a model to ONNX or TorchScript (checked against PyTorch on real photos)",
+        description="Write the counting network as an ONNX or TorchScript file taking "
+                    "(N,3,384,512) normalised tiles (dynamic N) and returning `count` (N,) and, "
+                    "with --density, `density` (N,1,h,w); then compare it with PyTorch on real "
+                    "tiles at batch 1 and 3 (PASS within 1e-4 relative, else exit 1).")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--output", required=True, help="file to write (.onnx for ONNX)")
+    p.add_argument("--model", default="default", help="registered model name or a .safetensors path")
+    p.add_argument("--density", default=None, metavar="BRANCH|HxW",
+                   help="also output this branch's density map (1..5 or e.g. 48x64); a DeepCount "
+                        "export without it holds no branch")
+    p.add_argument("--check-images", nargs="+", default=None, metavar="PATH",
+                   help="real photos for the parity check (default: the repository's example "
+                        f"photo, {EXAMPLE_PHOTO}, and the same photo at {EXAMPLE_RESCALE}x)")
+    p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
+    p.set_defaults(func=_run)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,22 +22,36 @@ import numpy as np
 import torch
 from torch import nn
 
-from .images import DEFAULT_MAX_PIXELS, load_image
+from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from .model import MAP_SIZES, CSRNet, DeepCount, build
 from .tiling import MODES, DensityMap, Runner, count_tiles, torch_runner
-from .weights import (DEFAULT_MODEL, REGISTRY, infer_architecture, model_file, read_safetensors,
-                      sha256_file)
+from .weights import (DEFAULT_MODEL, PICKLE_SUFFIXES, REGISTRY, infer_architecture, model_file,
+                      read_safetensors, sha256_file)
 
 DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "torch", "onnxruntime")  # onnxruntime: a `deepcount export` file
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
+    """``auto`` -> CUDA when available, else CPU; ``cpu``, ``cuda`` and ``cuda:N`` are checked
+    against what torch sees, so a bad device is a clear ``ValueError`` here and not a torch
+    error in the middle of a run."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be one of auto, cpu, cuda or cuda:N, got {str(device)!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} asked for, but torch sees no CUDA device "
+                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
+                             "use device 'cpu' or 'auto'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} asked for, but torch sees "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -69,17 +82,45 @@ def load_network(name_or_path: str | os.PathLike = "default") -> tuple[nn.Module
         info["file"] = str(path)
     else:
         path = Path(name_or_path)
+        if not path.exists() and path.suffix.lower() not in (".safetensors", *PICKLE_SUFFIXES):
+            raise FileNotFoundError(f"{key}: not a registered model (known: default, "
+                                    f"{', '.join(REGISTRY)}) nor an existing .safetensors file")
         state, meta = read_safetensors(path)
         info = {"name": path.stem, "file": str(path), "sha256": sha256_file(path)}
-        sidecar = path.with_suffix(".json")
-        described = json.loads(meta["deepcount"]) if "deepcount" in meta else (
-            json.loads(sidecar.read_text()) if sidecar.is_file() else {})
+        described = _description(path, meta)
         info.update({k: v for k, v in described.items() if k not in ("file", "sha256")})
-        info.setdefault("architecture", infer_architecture(state))
+        if "architecture" not in info:
+            try:
+                info["architecture"] = infer_architecture(state)
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(f"{path}: cannot tell the architecture from the tensor names "
+                                 f"({e}); add a {path.with_suffix('.json').name} sidecar "
+                                 'holding {"architecture": {...}}') from e
         info.setdefault("tiling", "pad")
-    model = build(info["architecture"])
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    try:
+        model = build(info["architecture"])
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"{info['file']}: the weights do not fit the architecture "
+                         f"{info['architecture']}: {str(e).strip()[:2000]}") from e
     return model.eval(), info
+
+
+def _description(path: Path, meta: dict) -> dict:
+    """What a user's weights file says about itself: the ``deepcount`` metadata entry of the
+    file, else the ``<stem>.json`` sidecar beside it, else nothing."""
+    sidecar = path.with_suffix(".json")
+    where, text = ((f"{path} metadata 'deepcount'", meta["deepcount"]) if "deepcount" in meta else
+                   (str(sidecar), sidecar.read_text()) if sidecar.is_file() else (None, None))
+    if text is None:
+        return {}
+    try:
+        described = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{where}: not valid JSON ({e})") from e
+    if not isinstance(described, dict) or not isinstance(described.get("architecture", {}), dict):
+        raise ValueError(f'{where}: expected a JSON object such as {{"architecture": {{...}}}}')
+    return described
 
 
 @dataclass
@@ -115,14 +156,29 @@ class Counter:
         if self.tiling not in MODES:
             raise ValueError(f"tiling must be one of {MODES}, got {self.tiling!r}")
         self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
+        if max_pixels is not None and (isinstance(max_pixels, bool) or int(max_pixels) < 1):
+            raise ValueError(f"max_pixels must be a positive int or None (no limit), got {max_pixels!r}")
         self.max_pixels = max_pixels
 
     @classmethod
     def load(cls, name_or_path: str | os.PathLike = "default", device: str = "auto",
              tiling: str | None = None, batch_size: int = 8,
-             max_pixels: int | None = DEFAULT_MAX_PIXELS) -> "Counter":
+             max_pixels: int | None = DEFAULT_MAX_PIXELS, backend: str = "auto") -> "Counter":
         """A registered model (``"default"``, ``"csrnet-baseline"``, ...) or a ``.safetensors``
-        path, on ``device`` (``auto`` | ``cpu`` | ``cuda``)."""
+        path, on ``device`` (``auto`` | ``cpu`` | ``cuda``).
+
+        ``backend``: ``"torch"``; ``"onnxruntime"`` runs a file written by ``deepcount export``
+        (a registry name or ``.safetensors`` is exported into the user cache on first use,
+        count only); ``"auto"`` (default): onnxruntime for a ``.onnx`` path, else torch."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "onnxruntime" or (backend == "auto" and str(name_or_path).lower().endswith(".onnx")):
+            from .export import cached_onnx, load_onnx_runner
+            path = name_or_path if str(name_or_path).lower().endswith(".onnx") else cached_onnx(name_or_path)
+            runner, info = load_onnx_runner(path, device)
+            return cls(runner, info, torch.device("cpu"), tiling, batch_size, max_pixels)  # feeds numpy
         dev = resolve_device(device)
         model, info = load_network(name_or_path)
         return cls(model.to(dev), info, dev, tiling, batch_size, max_pixels)
@@ -137,6 +193,11 @@ class Counter:
         text = self.info.get("description") or f"weights from {self.info.get('file')}"
         return f"{self.name}: {text}"
 
+    @property
+    def density_branches(self) -> tuple[int, ...]:
+        """The density maps ``count(..., density=k)`` can give (1 = 48x64 per 384x512 tile)."""
+        return self._branches()
+
     def _branches(self) -> tuple[int, ...]:
         if isinstance(self.model, DeepCount):
             return self.model.attached
@@ -146,8 +207,15 @@ class Counter:
 
     def count(self, images: Any, density: int | str | None = None
               ) -> CountResult | list[CountResult]:
-        """Count one image (path, PIL image, NumPy array, (3, H, W) uint8/float tensor) or a
-        list of them (any sizes).  ``density`` asks for a map (branch 1..5 or ``"48x64"``)."""
+        """Count one image or a list (or tuple) of them, of any sizes (a list gives a list).
+
+        An image is a path (``str`` / ``os.PathLike``), encoded bytes, a binary file object,
+        a PIL image, a NumPy array ((H, W) or (H, W, 1|3|4); uint8, uint16 or float in 0..1)
+        or a torch tensor ((3, H, W) or (H, W, 3); uint8 or float in 0..1).  EXIF
+        orientation is applied and alpha dropped (see ``deepcount.images.load_image``).
+        ``density`` asks for a density map (branch 1..5 or its size, ``"48x64"``); without it
+        only the backbone runs.  An unusable image raises ``ImageLoadError`` naming it.
+        """
         branch = parse_density(density)
         if branch is not None and branch not in self._branches():
             raise ValueError(f"model {self.name} has no density branch {branch}; "
@@ -156,25 +224,70 @@ class Counter:
             return [self._count_one(im, branch) for im in images]
         return self._count_one(images, branch)
 
+    def read(self, source: Any) -> np.ndarray:
+        """The (H, W, 3) uint8 RGB array ``count`` would see for ``source`` (upright, alpha
+        dropped, under this counter's ``max_pixels``)."""
+        label = _label(source)
+        if isinstance(source, torch.Tensor):
+            source = _tensor_to_array(source, label)
+        if isinstance(source, np.ndarray):
+            _check_float_range(source, label)
+            try:
+                return load_image(source, max_pixels=self.max_pixels)
+            except ImageLoadError as e:  # name the caller's object, not the converted array
+                raise ImageLoadError(label, e.reason) from e
+        return load_image(source, max_pixels=self.max_pixels)
+
     def _count_one(self, source: Any, branch: int | None) -> CountResult:
         start = time.perf_counter()
-        if isinstance(source, torch.Tensor):
-            source = _tensor_to_array(source)
-        image = load_image(source, max_pixels=self.max_pixels)
+        image = self.read(source)
         total, dmap, per_tile = count_tiles(self.model, image, self.tiling, self.batch_size,
                                             branch, self.device)
-        label = str(source) if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
-        return CountResult(label, total, image.shape[:2], len(per_tile),
+        return CountResult(_label(source), total, tuple(image.shape[:2]), len(per_tile),
                            time.perf_counter() - start, dmap, per_tile)
 
+    def __repr__(self) -> str:
+        return (f"Counter({self.name!r}, device={str(self.device)!r}, tiling={self.tiling!r}, "
+                f"batch_size={self.batch_size})")
 
-def _tensor_to_array(t: torch.Tensor) -> np.ndarray:
-    """A (3, H, W) or (H, W, 3) tensor -> (H, W, 3) array for ``load_image`` (uint8 as is,
-    floats taken as 0..1)."""
+
+def _label(source: Any) -> str:
+    """How results and errors name an image source."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.fsdecode(os.fspath(source))
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        kind = "numpy.ndarray" if isinstance(source, np.ndarray) else "torch.Tensor"
+        return f"<{kind} shape={tuple(source.shape)} dtype={str(source.dtype).removeprefix('torch.')}>"
+    filename = getattr(source, "filename", None) or getattr(source, "name", None)
+    if isinstance(filename, (str, os.PathLike)) and os.fspath(filename):
+        return os.fsdecode(os.fspath(filename))
+    return f"<{type(source).__name__}>"
+
+
+def _tensor_to_array(t: torch.Tensor, label: str) -> np.ndarray:
+    """A (3, H, W) / (1, H, W) / (H, W, 3) / (H, W) tensor -> a channels-last array for
+    ``load_image`` (uint8 as is, floats taken as 0..1)."""
     t = t.detach().cpu()
+    if t.ndim == 4:
+        raise ImageLoadError(label, "a batch of images (4-D tensor); pass list(tensor) to "
+                                    "count each image, or tensor[i] for one")
     if t.ndim == 3 and t.shape[0] in (1, 3, 4) and t.shape[-1] not in (1, 3, 4):
         t = t.permute(1, 2, 0)
+    if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64):
+        t = t.float()  # float16 / bfloat16 (NumPy has no bfloat16)
     return t.numpy()
+
+
+def _check_float_range(a: np.ndarray, label: str) -> None:
+    """Float pixels are read as 0..1; 0..255 floats or mean/std-normalised tensors would be
+    clipped into a white or black picture and counted as such, so they are refused."""
+    if a.dtype.kind != "f" or a.size == 0 or np.isnan(a).any():  # NaN: load_image refuses it
+        return
+    lo, hi = float(a.min()), float(a.max())
+    if hi > 1.5 or lo < -0.5:
+        raise ImageLoadError(label, f"float pixel values must lie in 0..1, these span {lo:.3g}.."
+                                    f"{hi:.3g} (divide 0..255 values by 255; undo any "
+                                    "mean/std normalisation: Counter normalises by itself)")
 
 
 __all__ = ["Counter", "CountResult", "DEFAULT_MODEL", "load_network", "parse_density",

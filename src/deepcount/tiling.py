@@ -180,7 +180,7 @@ def count_tiles(model: nn.Module | Runner, image: np.ndarray, mode: str = "pad",
     else:
         device, run = torch.device(device or "cpu"), model
     # A density-map network (CSRNet) counts by its map, so its cells in the padding are dropped.
-    by_map = isinstance(model, CSRNet)
+    by_map = isinstance(model, CSRNet) or bool(getattr(model, "counts_by_map", False))  # or its export
     ask = 1 if by_map and branch is None else branch
     counts = torch.empty(len(plan), dtype=torch.float64)
     maps: Tensor | None = None
