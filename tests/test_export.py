@@ -233,8 +233,8 @@ def test_parity_check_can_fail(small, small_count_onnx, tiles):
 def test_cli_export_fails_with_exit_1_when_outputs_differ(small, img_small, tmp_path, monkeypatch):
     real = ex.exported_fn
 
-    def off_by_a_bit(path, fmt):
-        run = real(path, fmt)
+    def off_by_a_bit(path, fmt, device="cpu"):
+        run = real(path, fmt, device)
         return lambda x: [o + 1e-3 * o.abs().max().clamp_min(1) for o in run(x)]  # 1e-3 rel
 
     monkeypatch.setattr(ex, "exported_fn", off_by_a_bit)
@@ -334,3 +334,11 @@ def test_dynamo_failure_falls_back_to_the_torchscript_exporter_and_says_so(small
     ref = Counter(small[1], {"name": "tiny"}, torch.device("cpu")).count(img_small, density=3)
     got = counter.count(img_small, density="12x16")
     assert rel(got.count, ref.count) <= TOL and got.density.values.shape == ref.density.values.shape
+
+
+def test_export_device_option_is_checked_before_exporting(tmp_path):
+    out = tmp_path / "never.onnx"
+    rc, _, err = run_cli("export", "--format", "onnx", "--output", out, "--device", "cuda")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the refusal is for machines without one")
+    assert rc == 2 and "CUDA" in err and not out.exists()

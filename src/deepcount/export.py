@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from .model import INPUT_SIZE, MAP_SIZES, CSRNet, DeepCount, architecture
+from .predict import load_network, parse_density, resolve_device
 
 FORMATS = ("onnx", "torchscript")
 # ai.onnx opset 18: what torch's dynamo exporter emits natively (no version conversion), run by
@@ -116,8 +117,6 @@ def prepare(model: str | os.PathLike = "default", density: int | str | None = No
             ) -> tuple[CountGraph, dict[str, str]]:
     """The module to export for ``model`` (registry name or ``.safetensors`` path) and the
     metadata that goes into the file."""
-    from .predict import load_network, parse_density
-
     net, info = load_network(model)
     graph = CountGraph(net, parse_density(density)).eval()
     return graph, metadata(graph, info)
@@ -426,19 +425,21 @@ def cached_onnx(name_or_path: str | os.PathLike = "default") -> Path:
     return target
 
 
-def exported_fn(path: str | os.PathLike, fmt: str) -> ExportedFn:
-    """The exported file as a function of a batch of tiles, for the parity check."""
+def exported_fn(path: str | os.PathLike, fmt: str, device: str = "cpu") -> ExportedFn:
+    """The exported file as a function of a batch of (CPU) tiles, for the parity check, run
+    on ``device`` (onnxruntime's provider, or TorchScript's device); outputs on the CPU."""
     if fmt == "onnx":
-        session, meta = onnx_session(path, "cpu")
+        session, meta = onnx_session(path, device)
         names = list(meta["outputs"])
         return lambda x: [torch.from_numpy(a) for a in session.run(names, {INPUT_NAME: x.numpy()})]
+    dev = resolve_device(device)
     with _quiet():
-        module = torch.jit.load(str(path), map_location="cpu").eval()
+        module = torch.jit.load(str(path), map_location=dev).eval()
 
     def run(x: Tensor) -> list[Tensor]:
         with torch.inference_mode():
-            out = module(x)
-        return list(out) if isinstance(out, (tuple, list)) else [out]
+            out = module(x.to(dev))
+        return [o.cpu() for o in (out if isinstance(out, (tuple, list)) else [out])]
     return run
 
 
@@ -516,12 +517,13 @@ def real_tiles(images: Sequence[tuple[str, np.ndarray]], tiling: str = "pad",
 
 def check_parity(exported: ExportedFn, graph: nn.Module, tiles: Tensor,
                  batch_sizes: Sequence[int] = CHECK_BATCH_SIZES,
-                 threshold: float = PARITY_THRESHOLD) -> ParityReport:
+                 threshold: float = PARITY_THRESHOLD, device: str = "cpu") -> ParityReport:
     """Run ``exported`` on ``tiles`` in batches of each size and compare with ``graph``
-    (PyTorch)."""
+    (PyTorch, run on ``device``)."""
+    dev = resolve_device(device)
     with torch.inference_mode():
-        ref = graph(tiles)
-    ref = [r.double() for r in (ref if isinstance(ref, (tuple, list)) else [ref])]
+        ref = graph.to(dev)(tiles.to(dev))
+    ref = [r.double().cpu() for r in (ref if isinstance(ref, (tuple, list)) else [ref])]
     rows = []
     for bs in batch_sizes:
         outs = [exported(tiles[i:i + bs].contiguous()) for i in range(0, len(tiles), bs)]
@@ -592,6 +594,7 @@ def _run(args: argparse.Namespace) -> int:
     from .images import ImageLoadError
 
     try:
+        resolve_device(args.device)
         images = check_images(args.check_images)  # first: a bad path fails before exporting
         result, graph = export(args.model, args.format, args.output, args.density, args.opset)
     except (ExportError, ValueError, KeyError, FileNotFoundError, ImageLoadError) as e:
@@ -611,7 +614,8 @@ def _run(args: argparse.Namespace) -> int:
               "(backend onnxruntime) loads")
     try:
         tiles = real_tiles(images, meta[META_PREFIX + "tiling"])
-        report = check_parity(exported_fn(result.path, result.format), graph, tiles)
+        report = check_parity(exported_fn(result.path, result.format, args.device), graph, tiles,
+                              device=args.device)
     except (ExportError, ValueError) as e:
         print(f"parity check: FAIL ({e})")
         return 1
@@ -644,4 +648,6 @@ def add_command(subparsers) -> None:
                    help="real photos for the parity check (default: the repository's example "
                         f"photo, {EXAMPLE_PHOTO}, and the same photo at {EXAMPLE_RESCALE}x)")
     p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
+    p.add_argument("--device", default="cpu", help="where the parity check runs both models: "
+                   "auto | cpu | cuda (the export itself is traced on the CPU)")
     p.set_defaults(func=_run)
