@@ -229,7 +229,8 @@ def _count_images(args: argparse.Namespace) -> int:
                 if it.path is not None:
                     bar.set_postfix_str(it.path.name, refresh=False)
                     try:
-                        res = counter.count(it.path, density=1 if density_dir is not None else None)
+                        image = counter.read(it.path)  # decoded once, for the count and the picture
+                        res = counter.count(image, density=1 if density_dir is not None else None)
                     except ImageLoadError as e:
                         row["error"] = _cli_reason(e.reason)
                     except (MemoryError, RuntimeError) as e:
@@ -245,7 +246,7 @@ def _count_images(args: argparse.Namespace) -> int:
 
                             target = density_dir / pngs[it.path]
                             try:
-                                picture = overlay(counter.read(it.path), res.density, res.count, args.cmap,
+                                picture = overlay(image, res.density, res.count, args.cmap,
                                                   label=f"count {_fmt_count(res.count)} ({counter.name})")
                                 save_png(picture, target)
                                 row["density"] = str(target)

@@ -196,9 +196,6 @@ class Counter:
     @property
     def density_branches(self) -> tuple[int, ...]:
         """The density maps ``count(..., density=k)`` can give (1 = 48x64 per 384x512 tile)."""
-        return self._branches()
-
-    def _branches(self) -> tuple[int, ...]:
         if isinstance(self.model, DeepCount):
             return self.model.attached
         if isinstance(self.model, CSRNet):
@@ -217,9 +214,9 @@ class Counter:
         only the backbone runs.  An unusable image raises ``ImageLoadError`` naming it.
         """
         branch = parse_density(density)
-        if branch is not None and branch not in self._branches():
+        if branch is not None and branch not in self.density_branches:
             raise ValueError(f"model {self.name} has no density branch {branch}; "
-                             f"available: {self._branches()}")
+                             f"available: {self.density_branches}")
         if isinstance(images, (list, tuple)):
             return [self._count_one(im, branch) for im in images]
         return self._count_one(images, branch)

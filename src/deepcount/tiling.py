@@ -149,7 +149,7 @@ Runner = Callable[[Tensor, "int | None"], "tuple[Tensor, Tensor | None]"]
 def torch_runner(model: nn.Module) -> Runner:
     """(batch, branch) -> (counts (b,), maps (b, h, w) or None) for a DeepCount or CSRNet:
     the backbone alone unless a branch is asked for; a CSRNet counts by its density map
-    (stride 8, the size of branch 1's)."""
+    (stride 8, the size of branch 1's), which its runner's ``counts_by_map`` flag says."""
     def run(batch: Tensor, branch: int | None) -> tuple[Tensor, Tensor | None]:
         if isinstance(model, CSRNet):
             density = model.density(batch)
@@ -158,6 +158,7 @@ def torch_runner(model: nn.Module) -> Runner:
             return model(batch), None
         count, maps = model.forward_maps(batch, [branch])
         return count, maps[branch][:, 0]
+    run.counts_by_map = isinstance(model, CSRNet)  # type: ignore[attr-defined]
     return run
 
 
@@ -179,8 +180,9 @@ def count_tiles(model: nn.Module | Runner, image: np.ndarray, mode: str = "pad",
         run = torch_runner(model)
     else:
         device, run = torch.device(device or "cpu"), model
-    # A density-map network (CSRNet) counts by its map, so its cells in the padding are dropped.
-    by_map = isinstance(model, CSRNet) or bool(getattr(model, "counts_by_map", False))  # or its export
+    # A runner whose network counts by its density map (CSRNet, or its export) says so with
+    # `counts_by_map`: its count is then the map's sum without the cells in the padding.
+    by_map = bool(getattr(run, "counts_by_map", False))
     ask = 1 if by_map and branch is None else branch
     counts = torch.empty(len(plan), dtype=torch.float64)
     maps: Tensor | None = None

@@ -246,9 +246,7 @@ class VideoRun:
 
         if density is not None:
             return parse_density(density)  # Counter.count checks the model has it
-        branches = getattr(self.counter, "density_branches", None)
-        if branches is None:  # a Counter from before the public property
-            branches = self.counter._branches()
+        branches = self.counter.density_branches
         return min(branches) if branches else None
 
     def _progress_total(self) -> int | None:
