@@ -4,7 +4,8 @@ Every reader returns a :class:`CrowdDataset`: a named, ordered list of :class:`A
 (image path + head points). Points are always a float64 ``(N, 2)`` array of ``(x, y)`` in
 0-based pixel coordinates: pixel ``(row i, column j)`` has its centre at ``x=j, y=i``.
 MATLAB annotations (ShanghaiTech, Mall, UCF-QNRF) are 1-based and are converted in exactly one
-place, :func:`from_matlab`. Nothing here knows where data lives: callers pass the roots.
+place, :func:`from_matlab`. The readers take their roots from the caller; :func:`dataset_root`
+gives the conventional one (``$DEEPCOUNT_DATA/<release folder>``) for commands and configs.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = [
     "DATASETS",
     "SPLITS",
     "custom",
+    "dataset_root",
     "from_matlab",
     "jhu_crowd",
     "load_dataset",
@@ -544,12 +546,41 @@ SPLITS: dict[str, tuple[str, ...]] = {
 }
 
 
-def load_dataset(name: str, root: str | Path, split: str) -> CrowdDataset:
-    """Load a registered dataset by name (see :data:`DATASETS`) and split (see :data:`SPLITS`)."""
+# The folder each release unpacks to, under the data directory.
+RELEASE_FOLDERS: dict[str, str] = {
+    "sha": "ShanghaiTech",
+    "shb": "ShanghaiTech",
+    "mall": "mall_dataset",
+    "ucf_qnrf": "UCF-QNRF_ECCV18",
+    "jhu": "jhu_crowd_v2.0",
+    "nwpu": "NWPU-Crowd",
+}
+DEFAULT_DATA_DIR = Path("..") / "shared" / "data"
+
+
+def dataset_root(name: str, root: str | Path | None = None) -> Path:
+    """Where dataset ``name`` lives: ``root`` as given when it exists (or is absolute), else
+    ``root`` (default: the release's folder name) under ``$DEEPCOUNT_DATA`` (default
+    ``../shared/data``)."""
+    import os
+
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {sorted(DATASETS)}")
+    if root is not None and (Path(root).is_absolute() or Path(root).exists()):
+        return Path(root)
+    if root is None and name not in RELEASE_FOLDERS:
+        raise ValueError(f"dataset {name!r} has no conventional folder: give its root")
+    base = Path(os.environ.get("DEEPCOUNT_DATA") or DEFAULT_DATA_DIR)
+    return base / (root if root is not None else RELEASE_FOLDERS[name])
+
+
+def load_dataset(name: str, root: str | Path | None, split: str) -> CrowdDataset:
+    """Load a registered dataset by name (see :data:`DATASETS`) and split (see :data:`SPLITS`);
+    ``root`` as :func:`dataset_root` resolves it (None: the conventional place)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {sorted(DATASETS)}")
     _check_split(split, SPLITS[name], name)
-    return DATASETS[name](root, split=split)
+    return DATASETS[name](dataset_root(name, root), split=split)
 
 
 def train_val_split(dataset: CrowdDataset, val_fraction: float = 0.1,
