@@ -304,6 +304,10 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # its own parser: YAML configs and --section.key overrides
+        from . import training
+        return training.main(argv[1:])
     parser = argparse.ArgumentParser(prog="deepcount", description="DeepCount crowd counting")
     parser.add_argument("--version", action="version", version=f"deepcount {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -335,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cmap", default="jet", help="matplotlib colormap for --density (default: %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_count)
+
+    sub.add_parser("train", add_help=False,
+                   help="train DeepCount or the CSRNet baseline from a YAML config "
+                        "(deepcount train --help)")
 
     p = sub.add_parser("summary", help="parameter counts per module (Table 1)")
     p.add_argument("--width", type=float, default=1.0)

@@ -619,14 +619,20 @@ class CrowdCrops(torch.utils.data.Dataset):
     probability 1/2, and, only when ``grey_probability > 0`` (the authors' code: 0.1), a grey
     crop.  ``crops_per_image`` repeats every image per pass (the authors' code: 30).
     Randomness comes from torch's generator, so ``torch.manual_seed`` and DataLoader worker
-    seeding make runs repeatable.  Each image's ground truth is computed once per process
-    (and read from / written to ``cache``, a :class:`GroundTruthCache`, when one is given).
+    seeding make runs repeatable; an index ``(i, seed)`` (what the training sampler yields)
+    draws from a generator seeded with ``seed`` instead, so a sample depends on nothing else.
+    Each image's ground truth is computed once per process (and read from / written to
+    ``cache``, a :class:`GroundTruthCache`, when one is given); with ``keep_images`` each
+    decoded image is kept in memory too (decode once per process).
     """
 
     def __init__(self, dataset: CrowdDataset, ground_truth: GroundTruthConfig = PAPER,
                  crops_per_image: int = 1, mirror: bool = True, grey_probability: float = 0.0,
-                 cache: GroundTruthCache | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+                 cache: GroundTruthCache | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 keep_images: bool = False):
         self.dataset = dataset
+        self.keep_images = keep_images
+        self._images: dict[int, np.ndarray] = {}
         self.ground_truth = ground_truth
         self.crops_per_image = int(crops_per_image)
         self.mirror = mirror
@@ -652,7 +658,7 @@ class CrowdCrops(torch.utils.data.Dataset):
                image: np.ndarray | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """The crop of image ``index`` at (top, left), deterministic (used by __getitem__)."""
         if image is None:
-            image = load_image(self.dataset[index].image, max_pixels=self.max_pixels)
+            image = self.image(index)
         h, w = image.shape[:2]
         patch = image[top:top + TILE[0], left:left + TILE[1]]
         if grey:  # ITU-R 601 luma, as tf.image.rgb_to_grayscale
@@ -665,12 +671,25 @@ class CrowdCrops(torch.utils.data.Dataset):
         return x, (*(torch.from_numpy(m)[None] for m in targets.maps),
                    torch.tensor(targets.count, dtype=torch.float32))
 
-    def __getitem__(self, i: int):
-        index = i // self.crops_per_image
-        image = load_image(self.dataset[index].image, max_pixels=self.max_pixels)
+    def image(self, index: int) -> np.ndarray:
+        """Image ``index`` decoded (once per process when ``keep_images``)."""
+        image = self._images.get(index)
+        if image is None:
+            image = load_image(self.dataset[index].image, max_pixels=self.max_pixels)
+            if self.keep_images:
+                self._images[index] = image
+        return image
+
+    def __getitem__(self, i: int | tuple[int, int]):
+        gen = None
+        if isinstance(i, tuple):
+            i, seed = i
+            gen = torch.Generator().manual_seed(int(seed))
+        index = int(i) // self.crops_per_image
+        image = self.image(index)
         h, w = image.shape[:2]
-        top = int(torch.randint(0, max(h - TILE[0], 0) + 1, ()))
-        left = int(torch.randint(0, max(w - TILE[1], 0) + 1, ()))
-        flip = self.mirror and bool(torch.rand(()) < 0.5)
-        grey = self.grey_probability > 0 and bool(torch.rand(()) < self.grey_probability)
+        top = int(torch.randint(0, max(h - TILE[0], 0) + 1, (), generator=gen))
+        left = int(torch.randint(0, max(w - TILE[1], 0) + 1, (), generator=gen))
+        flip = self.mirror and bool(torch.rand((), generator=gen) < 0.5)
+        grey = self.grey_probability > 0 and bool(torch.rand((), generator=gen) < self.grey_probability)
         return self.sample(index, top, left, flip, grey, image)

@@ -50,3 +50,12 @@ def official_loss(count: Tensor, maps: Mapping[int, Tensor], count_target: Tenso
     # mean over (batch, elements) * elements == sum / batch
     total = (beta * count_l1 + sum(per_map.values())) / n / 100.0
     return total, {"count": count_l1.detach() / n, **{f"map{k}": v.detach() / n for k, v in per_map.items()}}
+
+
+def csrnet_loss(density: Tensor, map_target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """The CSRNet baseline's objective (CSRNet-pytorch: ``MSELoss(size_average=False)`` at
+    batch 1): the squared error summed over the 1/8-resolution map, averaged over the batch.
+    ``map_target`` is branch 1's target (the same 48x64-per-crop grid)."""
+    n = density.shape[0]
+    sq = (density.float() - map_target.float().reshape(density.shape)).pow(2).sum()
+    return sq / n, {"map1_l2": sq.detach() / n}

