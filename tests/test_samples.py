@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepcount.datasets import CrowdCrops, shanghaitech
+from deepcount.datasets import CrowdCrops, crop_batch, shanghaitech
 from deepcount.images import load_image, to_tensor
 from deepcount.loss import paper_loss
 from deepcount.model import MAP_SIZES, DeepCount
@@ -79,6 +79,28 @@ def test_grey_crops_and_cached_targets(shb_train, tmp_path):
     raw = (x * std + mean) * 255
     assert torch.allclose(raw[0], raw[1], atol=1e-3) and torch.allclose(raw[1], raw[2], atol=1e-3)
     assert crops.kernels(0, 768, 1024).config == OFFICIAL
+
+
+def test_crops_cut_on_the_device_equal_the_loader_crops(shb_root):
+    """crop_batch (the GPU data path; here on CPU tensors) cuts exactly what CrowdCrops.sample
+    makes from the same draws: crops, grey, mirror and padding of small images included, and
+    params_only samples carry the same targets."""
+    part_a = shanghaitech(shb_root, "A", "train")
+    sizes = [load_image(it.image).shape[:2] for it in part_a[:40]]
+    pick = [i for i, (h, w) in enumerate(sizes) if h < 384 or w < 512][:2] + [0, 1]
+    subset = part_a[:max(pick) + 1]
+    loader = CrowdCrops(subset, grey_probability=0.5)
+    params_only = CrowdCrops(subset, grey_probability=0.5, params_only=True)
+    draws = [(i, 1000 + j) for j, i in enumerate(pick * 3)]
+    params, targets = zip(*(params_only[d] for d in draws))
+    params = torch.stack(params)
+    assert params[:, 3].any() and params[:, 4].any() and not params[:, 3].all()  # mirrors, greys, plain
+    images = {int(i): torch.from_numpy(load_image(subset[int(i)].image)) for i in pick}
+    cut = crop_batch([images.get(i, torch.zeros(1, 1, 3, dtype=torch.uint8)) for i in range(len(subset))], params)
+    for j, d in enumerate(draws):
+        x, t = loader[d]
+        assert torch.equal(cut[j], x), f"sample {d}"
+        assert all(torch.equal(a, b) for a, b in zip(t, targets[j]))
 
 
 def test_a_small_deepcount_overfits_four_real_crops(shb_train):

@@ -190,6 +190,14 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(runs):
     assert_identical(weights(out / "straight"), weights(out / "killed"))
 
 
+def test_crops_cut_on_the_device_train_the_same_weights(runs):
+    """The GPU data path (images decoded once and kept on the device, crops cut there), forced
+    on the CPU: the same batches, so the same weights as the loader's crops."""
+    out, _ = runs
+    train(small(out, "on-device", 5, 2, None, "--data.crop_on_device", "true"))
+    assert_identical(weights(out / "straight"), weights(out / "on-device"))
+
+
 def test_starting_over_an_existing_run_is_refused(runs, capsys):
     out, _ = runs
     before = sha256_file(out / "straight" / "checkpoints" / "last.ckpt")

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
-from .datasets import CrowdCrops, CrowdDataset, load_dataset, train_val_split
+from .datasets import CrowdCrops, CrowdDataset, crop_batch, load_dataset, train_val_split
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .loss import BETA, OMEGA, csrnet_loss, official_loss, paper_loss
 from .model import ALL_BRANCHES, CSRNet, DeepCount, architecture, build
@@ -93,6 +93,9 @@ class DataConfig:
     keep_mass: bool = True  # renormalise kernels cut by the image border (authors' code: False)
     num_workers: int = 2
     keep_images: bool = True  # decode each training image once per worker and keep it
+    # cut crops on the accelerator from all training images decoded once and kept there
+    # (workers then only draw crops and build targets): auto = on when training on a GPU
+    crop_on_device: bool | str = "auto"
     cache_targets: bool = True  # ground truth read from / written to the disk cache
     max_pixels: int = DEFAULT_MAX_PIXELS
     val_tiling: str = "pad"  # pad | grid: how validation images are tiled
@@ -314,10 +317,23 @@ class CrowdDataModule(L.LightningDataModule if L is not None else object):  # ty
             self.train_set, self.val_set = train_val_split(full, d.val_fraction, seed=self.seed)
         else:
             self.train_set, self.val_set = full, None
+        trainer = getattr(self, "trainer", None)
+        on_gpu = trainer is not None and trainer.strategy.root_device.type != "cpu"
+        self.on_device = on_gpu if d.crop_on_device == "auto" else bool(d.crop_on_device)
         self.crops = CrowdCrops(self.train_set, d.ground_truth(), crops_per_image=d.crops_per_image,
                                 mirror=d.mirror, grey_probability=d.grey_probability,
                                 cache=GroundTruthCache() if d.cache_targets else None,
-                                max_pixels=d.max_pixels, keep_images=d.keep_images)
+                                max_pixels=d.max_pixels, keep_images=d.keep_images and not self.on_device,
+                                params_only=self.on_device)
+
+    def device_images(self, device: torch.device) -> list[Tensor]:
+        """Every training image decoded once, as (H, W, 3) uint8 tensors on ``device``."""
+        from tqdm import tqdm
+
+        assert self.crops is not None, "setup() first"
+        n = len(self.crops.dataset)
+        return [torch.from_numpy(self.crops.image(i)).to(device)
+                for i in tqdm(range(n), desc="images to device", disable=n < 50)]
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         assert self.crops is not None, "setup() first"
@@ -366,6 +382,18 @@ class DeepCountModule(L.LightningModule if L is not None else object):  # type: 
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+    def on_fit_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if getattr(dm, "on_device", False):
+            self._device_images = dm.device_images(self.device)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # training batches of crop parameters (crop_on_device) become crops here, on the device
+        images = getattr(self, "_device_images", None)
+        if images is not None and self.trainer.training and batch[0].dtype == torch.int64:
+            return crop_batch(images, batch[0]), batch[1]
+        return batch
 
     def compute_loss(self, x: Tensor, targets: Sequence[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         *maps, count = targets
