@@ -349,8 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_summary)
 
     # Each of these modules owns its subcommand (its parser and what it runs).
-    from . import export, serve, video
-    for module in (video, export, serve):
+    from . import evaluation, export, report, serve, video
+    for module in (video, export, serve, evaluation, report):
         module.add_command(sub)
 
     args = parser.parse_args(argv)

@@ -1,0 +1,535 @@
+"""The paper's result tables (Tables 2, 3, 4, 7, 8 and 9) with this repository's runs beside them.
+
+``deepcount report EVAL.json [FOLDER ...] [--out report.md]`` reads evaluation JSONs (as
+``deepcount evaluate`` writes them) and lays them out as the paper does, the paper's own numbers
+(typed in below, each table cited) next to ours.  A cell without a run is "—".
+
+Where a run goes is read from its JSON alone:
+
+* the dataset evaluated (``sha``/``shb`` -> Table 2, ``ucf_qnrf`` -> Table 3, ``mall`` ->
+  Table 4; ``sha``/``shb``/``ucf_qnrf`` -> Table 7);
+* the architecture of the weights: a DeepCount with all five branches attached and PReLU (or
+  leaky ReLU, the authors' code) is "DeepCount (ours)" of Tables 2-4 and 7; a CSRNet sits beside the paper's CSRNet row; Table 8 takes the
+  Part B runs of a DeepCount with all branches by activation (ReLU, PReLU; leaky ReLU, the
+  authors' code, as an extra row); Table 9 takes Part B DeepCount runs by the branches
+  detached (1, 1-2, ..., 1-5; any other set as an extra row);
+* the settings every number depends on: the training recipe (and the training dataset, when
+  it is not the one evaluated) from the weights' description, the test-time tiling, the
+  ground-truth protocol (and, for ``blurred``, its Gaussian), the width when it is not the
+  paper's 1.0, and how many of the split's images were evaluated.  Runs with the same settings
+  share a row (Tables 2-4, 7) or a column (Tables 8-9) whose label says them; runs that would
+  fall into the same cell get a row or column each.  Every number of ours carries ``[n]``,
+  its run in the list at the end (file, weights, sha256, every setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PAPER_TABLE2", "PAPER_TABLE3", "PAPER_TABLE4", "PAPER_TABLE7", "PAPER_TABLE7_FLOPS",
+           "PAPER_TABLE8", "PAPER_TABLE9", "Run", "add_command", "branch_flops", "find_evaluations",
+           "load_runs", "report"]
+
+DASH = "—"
+
+# ----------------------------------------------------------------------------- the paper's numbers
+# Numbers are strings exactly as printed (decimals included); float() them to compute.
+# Section 4.2, Table 2 "Test results on Shanghai Tech Part A and Part B":
+# (method, Part A MAE, Part A RMSE, Part B MAE, Part B RMSE); None where the paper has no number.
+PAPER_TABLE2: tuple[tuple[str, str | None, str | None, str, str], ...] = (
+    ("MCNN [4]", "110.2", "173.2", "26.4", "41.3"),
+    ("Switching CNN [5]", "90.4", "135.0", "21.6", "33.4"),
+    ("DecideNet [23]", None, None, "20.75", "29.42"),
+    ("CP-CNN [6]", "73.6", "106.4", "20.1", "30.1"),
+    ("ic-CNN [15]", "68.5", "116.2", "10.7", "16.0"),
+    ("CSRNet [16]", "68.2", "115.0", "10.6", "16.0"),
+    ("SANet [11]", "67.0", "104.5", "8.4", "13.6"),
+    ("DeepCount (ours)", "65.2", "112.5", "7.2", "11.3"),
+)
+# Section 4.3, Table 3 "Test results on UCF-QNRF": (method, MAE, RMSE).
+PAPER_TABLE3: tuple[tuple[str, str, str], ...] = (
+    ("Idrees et al. (2013) [3]", "315", "508"),
+    ("MCNN [4]", "277", "426"),
+    ("CMTL [24]", "252", "514"),
+    ("Switching CNN [5]", "228", "445"),
+    ("Resnet101 [25]", "190", "277"),
+    ("Densenet201 [26]", "163", "226"),
+    ("Idrees et al. (2018) [29]", "132", "191"),
+    ("DeepCount (ours)", "95.7", "167.1"),
+)
+# Section 4.4, Table 4 "Test results on Mall": (method, MAE, RMSE), as printed (some RMSE < MAE).
+# (The paper's Table 4 is Mall; how the ground truth is counted, points vs the blurred map, is
+# not a paper table: it is the report's last table, "Evaluation settings side by side".)
+PAPER_TABLE4: tuple[tuple[str, str, str], ...] = (
+    ("R-FCN [27]", "6.02", "5.46"),
+    ("Faster R-CNN [28]", "5.91", "6.60"),
+    ("Count Forest [30]", "4.40", "2.40"),
+    ("MoCNN [31]", "2.75", "13.40"),
+    ("Weighted VLAD [32]", "2.41", "9.12"),
+    ("DecideNet [23]", "1.52", "1.90"),
+    ("DeepCount (ours)", "1.66", "2.13"),
+)
+# Section 5.2, Table 7 "Comparing between outputs on different branches": MAE of
+# (branch 1, ..., branch 5, backbone) per dataset, and each branch's million FLOPs (eq. 7).
+PAPER_TABLE7: dict[str, tuple[str, ...]] = {
+    "sha": ("79.2", "73.4", "69.7", "66.7", "65.8", "65.2"),
+    "shb": ("9.7", "8.9", "8.0", "7.4", "7.2", "7.2"),
+    "ucf_qnrf": ("193.3", "185.0", "155.3", "112.3", "96.9", "95.7"),
+}
+# Branch 1's 6034 disagrees with the paper's own Table 5, whose branch-1 layers add up to
+# 37 + 101 + 403 + 1611 + 6442 + 2 = 8596; eq. 7 on Table 1 gives 8596 too (see branch_flops).
+PAPER_TABLE7_FLOPS: tuple[str, ...] = ("6034", "2152", "541", "138", "38")
+# Section 5.3, Table 8 "Comparing results between using ReLU (sparse gradients) and PReLU
+# (full gradients)": SHT Part B MAE.
+PAPER_TABLE8: dict[str, str] = {"relu": "8.8", "prelu": "7.2"}
+# Section 5.3, Table 9 "Ablation on branches": SHT Part B MAE by the branches detached
+# (no ablation, 1, 1-2, 1-3, 1-4, 1-5).
+PAPER_TABLE9: dict[tuple[int, ...], str] = {
+    (): "7.2", (1,): "7.4", (1, 2): "7.5", (1, 2, 3): "7.7", (1, 2, 3, 4): "8.3", (1, 2, 3, 4, 5): "9.1",
+}
+PAPER_NOTE = ("Paper rows are as printed in the paper; it trains with sigma-5 ground truth "
+              "and PReLU and does not state its test-time tiling or ground-truth protocol.")
+
+DATASET_TEXT = {"sha": "Shanghai Tech Part A", "shb": "Shanghai Tech Part B", "ucf_qnrf": "UCF-QNRF",
+                "mall": "Mall", "jhu": "JHU-Crowd++", "nwpu": "NWPU-Crowd", "custom": "custom"}
+# Names CrowdDataset gives, for JSONs written from Python with a dataset object.
+_DATASET_ALIASES = {"shanghaitech_a": "sha", "shanghaitech_b": "shb", "jhu_crowd": "jhu",
+                    "nwpu_crowd": "nwpu"}
+ALL = (1, 2, 3, 4, 5)
+
+
+# ----------------------------------------------------------------------------- runs
+@dataclass
+class Run:
+    """One evaluation JSON, with what the tables need read off it."""
+
+    index: int  # its number in the report's run list, [n]
+    path: Path
+    data: dict
+
+    @property
+    def dataset(self) -> str:
+        name = str((self.data.get("dataset") or {}).get("name", "?"))
+        return _DATASET_ALIASES.get(name.lower(), name)
+
+    @property
+    def architecture(self) -> dict:
+        return (self.data.get("model") or {}).get("architecture") or {}
+
+    @property
+    def kind(self) -> str:
+        return str(self.architecture.get("model", "?"))
+
+    @property
+    def activation(self) -> str:
+        return str(self.architecture.get("activation", "?"))
+
+    @property
+    def branches(self) -> tuple[int, ...]:
+        return tuple(sorted(int(b) for b in self.architecture.get("branches", ())))
+
+    @property
+    def width(self) -> float:
+        return float(self.architecture.get("width", 1.0))
+
+    @property
+    def is_full_deepcount(self) -> bool:
+        return self.kind == "deepcount" and self.branches == ALL
+
+    @property
+    def is_main_deepcount(self) -> bool:
+        """The model of Tables 2-4 and 7: all branches, PReLU (paper) or leaky ReLU (authors'
+        code); a ReLU model is Table 8's ablation."""
+        return self.is_full_deepcount and self.activation != "relu"
+
+    def metric(self, output: str = "count") -> dict | None:
+        return (self.data.get("metrics") or {}).get(output)
+
+    def settings(self, activation: bool = False) -> str:
+        """The recipe, tiling, ground truth and anything else that sets this run's numbers apart."""
+        model = self.data.get("model") or {}
+        parts = [f"recipe {_recipe(model.get('recipe'))}", f"tiling {self.data.get('tiling', '?')}",
+                 f"truth {_truth(self.data)}"]
+        if activation and self.kind == "deepcount" and self.activation != "prelu":
+            parts.append(f"activation {self.activation}")
+        if self.width != 1.0:
+            parts.append(f"width {self.width:g}")
+        trained = model.get("dataset")
+        if isinstance(trained, str) and trained and _DATASET_ALIASES.get(trained.lower(), trained) != self.dataset:
+            parts.append(f"trained on {trained}")
+        ds = self.data.get("dataset") or {}
+        if ds.get("evaluated") is not None and ds.get("evaluated") != ds.get("images"):
+            parts.append(f"{ds.get('evaluated')} of {ds.get('images')} images")
+        return ", ".join(parts)
+
+    def describe(self) -> str:
+        """The run-list entry: every setting, the weights and the file."""
+        model = self.data.get("model") or {}
+        ds = self.data.get("dataset") or {}
+        sha = model.get("sha256")
+        if self.kind == "deepcount":
+            arch_text = (f"DeepCount width {self.width:g}, {self.activation}, branches "
+                         f"{','.join(map(str, self.branches)) or 'none'}")
+        else:
+            arch_text = f"{self.kind} width {self.width:g}"
+        return (f"`{self.path}`: {model.get('name', '?')}"
+                + (f" (sha256 {sha[:12]})" if sha else "")
+                + f"; {arch_text}; {DATASET_TEXT.get(self.dataset, self.dataset)} {ds.get('split', '?')}, "
+                + f"{ds.get('evaluated', '?')} of {ds.get('images', '?')} images; {self.settings()}; "
+                + f"deepcount {self.data.get('deepcount_version', '?')}, {self.data.get('timestamp', '?')}")
+
+
+def _recipe(recipe: Any) -> str:
+    if recipe is None or recipe == "":
+        return "unknown"
+    if isinstance(recipe, dict):
+        return str(recipe.get("name") or "custom")
+    return str(recipe)
+
+
+def _truth(data: dict) -> str:
+    protocol = data.get("protocol", "?")
+    gt = data.get("ground_truth")
+    if protocol != "blurred" or not isinstance(gt, dict):
+        return str(protocol)
+    kernel = gt.get("kernel") or gt.get("kernel_size") or "?"
+    mass = "kept" if gt.get("keep_mass") else "lost"
+    name = gt.get("name")
+    preset = f"{name} " if name in ("paper", "official") else ""
+    return f"blurred ({preset}sigma {gt.get('sigma', '?'):g}, {kernel}x{kernel}, mass {mass})"
+
+
+def find_evaluations(paths: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
+    """The JSON files named, and those under the folders named (recursively, sorted); plus a
+    message for each named path that does not exist or holds no JSON."""
+    files: list[Path] = []
+    problems: list[str] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.rglob("*.json"))
+            if not found:
+                problems.append(f"{p}: no .json files in this folder")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            problems.append(f"{p}: no such file or folder")
+    return files, problems
+
+
+def load_runs(paths: Sequence[str | Path], strict: bool = True) -> tuple[list[Run], list[str]]:
+    """Runs from evaluation JSONs (files, or folders searched for them).  A file named
+    explicitly that is not an evaluation is a problem; other JSONs found in folders (a weights
+    sidecar, say) are skipped.  ``strict`` raises ValueError on the first problem."""
+    from .evaluation import load_evaluation
+
+    named = {Path(p) for p in paths if Path(p).is_file()}
+    files, problems = find_evaluations(paths)
+    runs: list[Run] = []
+    seen: set[Path] = set()
+    for f in files:
+        if f.resolve() in seen:
+            continue
+        seen.add(f.resolve())
+        try:
+            data = load_evaluation(f)
+        except ValueError as e:
+            if f in named:
+                problems.append(str(e))
+            continue
+        runs.append(Run(len(runs) + 1, f, data))
+    if strict and problems:
+        raise ValueError("; ".join(problems))
+    return runs, problems
+
+
+# ----------------------------------------------------------------------------- FLOPs (eq. 7)
+def branch_flops(architecture: dict | None = None) -> dict[int, float]:
+    """Million FLOPs of each branch of a DeepCount for one 384x512 crop by eq. 7
+    (H x W x C x K1 x K2 x C' per convolution or transposed convolution, output size H x W),
+    counted on a meta-device forward pass (no memory, no arithmetic)."""
+    import torch
+    from torch import nn
+
+    from .model import INPUT_SIZE, build
+
+    arch = {"model": "deepcount", "width": 1.0, "activation": "prelu", "branches": list(ALL),
+            **(architecture or {})}
+    with torch.device("meta"):
+        model = build(arch)
+    totals: dict[int, float] = {}
+    handles = []
+    for key, branch in model.branches.items():
+        for m in branch.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                def hook(mod, _inputs, out, k=int(key)):
+                    k1, k2 = mod.kernel_size
+                    totals[k] = totals.get(k, 0.0) + (out.shape[-2] * out.shape[-1] * out.shape[-3]
+                                                      * k1 * k2 * mod.in_channels // mod.groups)
+                handles.append(m.register_forward_hook(hook))
+    model.forward_maps(torch.empty(1, 3, *INPUT_SIZE, device="meta"))
+    for h in handles:
+        h.remove()
+    return {k: totals[k] / 1e6 for k in sorted(totals)}
+
+
+# ----------------------------------------------------------------------------- tables
+def _num(value: str | None) -> str:
+    """A paper number as printed, or a dash."""
+    return DASH if value is None else str(value)
+
+
+def _ours(run: Run, output: str = "count", rmse: bool = False) -> str:
+    m = run.metric(output)
+    if m is None:
+        return DASH
+    text = f"{m['mae']:.2f}" + (f" / {m['rmse']:.2f}" if rmse else "")
+    return f"{text} [{run.index}]"
+
+
+def _ours_rmse(run: Run, output: str = "count") -> str:
+    m = run.metric(output)
+    return DASH if m is None else f"{m['rmse']:.2f} [{run.index}]"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Sequence[str] | None = None) -> list[str]:
+    align = align or ["---"] + ["---:"] * (len(header) - 1)
+    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    return (["| " + " | ".join(map(esc, header)) + " |", "| " + " | ".join(align) + " |"]
+            + ["| " + " | ".join(map(esc, r)) + " |" for r in rows])
+
+
+class _Slots:
+    """Groups runs under a label (a row or a column): runs with the same label share it until
+    two want the same cell; then the later one gets a new group, ``label (2)``."""
+
+    def __init__(self) -> None:
+        self.groups: list[tuple[str, dict[Any, Run]]] = []
+
+    def add(self, label: str, cell: Any, run: Run) -> None:
+        n = 1
+        for name, cells in self.groups:
+            if name.split(" (#")[0] == label and cell not in cells:
+                cells[cell] = run
+                return
+            if name.split(" (#")[0] == label:
+                n += 1
+        self.groups.append((label if n == 1 else f"{label} (#{n})", {cell: run}))
+
+
+def _results_table(title: str, caption: str, columns: Sequence[str], datasets: Sequence[str],
+                   paper: Sequence[tuple], runs: Sequence[Run]) -> list[str]:
+    """Tables 2-4: paper rows, with our DeepCount rows after the paper's DeepCount and our
+    CSRNet rows after the paper's CSRNet (or at the end)."""
+    ours: dict[str, _Slots] = {"deepcount": _Slots(), "csrnet": _Slots()}
+    for run in runs:
+        if run.dataset not in datasets:
+            continue
+        if run.is_main_deepcount:
+            ours["deepcount"].add(run.settings(activation=True), run.dataset, run)
+        elif run.kind == "csrnet":
+            ours["csrnet"].add(run.settings(), run.dataset, run)
+
+    def our_rows(kind: str, name: str) -> list[list[str]]:
+        rows = []
+        for label, cells in ours[kind].groups:
+            row = [f"{name}, this repo: {label}"]
+            for ds in datasets:
+                run = cells.get(ds)
+                row += [DASH, DASH] if run is None else [_ours(run), _ours_rmse(run)]
+            rows.append(row)
+        return rows
+
+    rows: list[list[str]] = []
+    placed = {"deepcount": False, "csrnet": False}
+    for entry in paper:
+        method, values = entry[0], entry[1:]
+        rows.append([f"{method} (paper)", *(_num(v) for v in values)])
+        for kind, stem in (("deepcount", "DeepCount"), ("csrnet", "CSRNet")):
+            if method.startswith(stem):
+                rows += our_rows(kind, "DeepCount" if kind == "deepcount" else "CSRNet")
+                placed[kind] = True
+    for kind, name in (("deepcount", "DeepCount"), ("csrnet", "CSRNet")):
+        if not placed[kind]:
+            rows += our_rows(kind, name)
+    return [f"## {title}", "", caption, "", *_table(["Method", *columns], rows), ""]
+
+
+def table2(runs: Sequence[Run]) -> list[str]:
+    return _results_table("Table 2: Shanghai Tech Part A and Part B",
+                          "MAE and RMSE of the count (a DeepCount's backbone).",
+                          ["Part A MAE", "Part A RMSE", "Part B MAE", "Part B RMSE"], ("sha", "shb"),
+                          PAPER_TABLE2, runs)
+
+
+def table3(runs: Sequence[Run]) -> list[str]:
+    return _results_table("Table 3: UCF-QNRF", "MAE and RMSE of the count.", ["MAE", "RMSE"],
+                          ("ucf_qnrf",), PAPER_TABLE3, runs)
+
+
+def table4(runs: Sequence[Run]) -> list[str]:
+    return _results_table("Table 4: Mall", "MAE and RMSE of the count.", ["MAE", "RMSE"], ("mall",),
+                          PAPER_TABLE4, runs)
+
+
+def table7(runs: Sequence[Run]) -> list[str]:
+    from .model import MAP_SIZES
+
+    header = ["", *(f"Branch {k}" for k in ALL), "Backbone"]
+    outputs = [*(f"branch{k}" for k in ALL), "count"]
+    rows = [["Output", *(f"{h}×{w}" for h, w in MAP_SIZES.values()), "1×1"]]
+    slots: dict[str, _Slots] = {ds: _Slots() for ds in PAPER_TABLE7}
+    for run in runs:
+        if run.is_main_deepcount and run.dataset in slots:
+            slots[run.dataset].add(run.settings(activation=True), "run", run)
+    widths = {1.0}
+    for ds, paper in PAPER_TABLE7.items():
+        rows.append([f"{DATASET_TEXT[ds]} (paper)", *(_num(v) for v in paper)])
+        for label, cells in slots[ds].groups:
+            run = cells["run"]
+            widths.add(run.width)
+            rows.append([f"{DATASET_TEXT[ds]}, this repo: {label}", *(_ours(run, o, rmse=True) for o in outputs)])
+    rows.append(["Million FLOPs (paper)", *(_num(v) for v in PAPER_TABLE7_FLOPS), "-"])
+    for width in sorted(widths, reverse=True):
+        flops = branch_flops({"width": width})
+        rows.append(["Million FLOPs, eq. 7 on this repo's Table 1" + ("" if width == 1.0 else f" at width {width:g}"),
+                     *(f"{flops[k]:.0f}" for k in ALL), "-"])
+    return ["## Table 7: outputs of the branches and the backbone", "",
+            "Paper: MAE. This repo: MAE / RMSE of each branch's density-map sum and of the backbone count "
+            "(branch sums leave out map cells wholly in padding).  The paper's branch-1 FLOPs (6034) "
+            "disagree with its own Table 5, whose branch-1 layers add up to 8596.", "",
+            *_table(header, rows), ""]
+
+
+def _column_table(title: str, caption: str, first: str, row_keys: Sequence[tuple[Any, str]],
+                  paper: dict, runs: Sequence[Run], key: Callable[[Run], Any],
+                  label: Callable[[Run], str], extra_label: Callable[[Any], str]) -> list[str]:
+    """Tables 8-9: one row per variant (the paper's, then any others found), a paper column and
+    one column of ours per group of settings."""
+    slots = _Slots()
+    for run in runs:
+        slots.add(label(run), key(run), run)
+    keys = [k for k, _ in row_keys]
+    names = dict(row_keys)
+    for _, cells in slots.groups:
+        for k in cells:
+            if k not in keys:
+                keys.append(k)
+                names[k] = extra_label(k)
+    header = [first, "SHT Part B MAE (paper)", *(f"this repo: {name}" for name, _ in slots.groups)]
+    rows = [[names[k], _num(paper.get(k)), *(_ours(cells[k]) if k in cells else DASH for _, cells in slots.groups)]
+            for k in keys]
+    return [f"## {title}", "", caption, "", *_table(header, rows), ""]
+
+
+def table8(runs: Sequence[Run]) -> list[str]:
+    chosen = [r for r in runs if r.dataset == "shb" and r.is_full_deepcount]
+    return _column_table(
+        "Table 8: ReLU vs PReLU", "MAE of the backbone count on Shanghai Tech Part B, all five branches attached.",
+        "Activation", [("relu", "ReLU"), ("prelu", "PReLU")], PAPER_TABLE8, chosen,
+        key=lambda r: r.activation, label=lambda r: r.settings(),
+        extra_label=lambda k: {"leaky_relu": "leaky ReLU (authors' code)"}.get(k, str(k)))
+
+
+def _detached_text(detached: tuple[int, ...]) -> str:
+    if not detached:
+        return "No ablation"
+    if detached == tuple(range(1, len(detached) + 1)):
+        return "Branch 1 detached" if len(detached) == 1 else f"Branches 1-{len(detached)} detached"
+    return f"Branches {','.join(map(str, detached))} detached (not in the paper)"
+
+
+def table9(runs: Sequence[Run]) -> list[str]:
+    chosen = [r for r in runs if r.dataset == "shb" and r.kind == "deepcount"]
+    rows = [(k, _detached_text(k)) for k in PAPER_TABLE9]
+    return _column_table(
+        "Table 9: ablation on branches", "MAE of the backbone count on Shanghai Tech Part B by the "
+        "branches detached during training.", "Ablation", rows, PAPER_TABLE9, chosen,
+        key=lambda r: tuple(b for b in ALL if b not in r.branches), label=lambda r: r.settings(activation=True),
+        extra_label=_detached_text)
+
+
+def settings_table(runs: Sequence[Run]) -> list[str]:
+    """Not a paper table: the same weights on the same data under different tiling / ground
+    truth, side by side (shown only when some weights were evaluated more than one way)."""
+    groups: dict[tuple, dict[str, Run]] = {}
+    columns: list[str] = []
+    for run in runs:
+        model = run.data.get("model") or {}
+        ident = (model.get("sha256") or model.get("name"), run.dataset,
+                 (run.data.get("dataset") or {}).get("split"), (run.data.get("dataset") or {}).get("evaluated"))
+        col = f"tiling {run.data.get('tiling', '?')}, truth {_truth(run.data)}"
+        if col not in columns:
+            columns.append(col)
+        groups.setdefault(ident, {}).setdefault(col, run)
+    multi = {k: v for k, v in groups.items() if len(v) > 1}
+    if not multi:
+        return []
+    rows = []
+    for (_, ds, split, n), cells in multi.items():
+        any_run = next(iter(cells.values()))
+        name = (any_run.data.get("model") or {}).get("name", "?")
+        rows.append([f"{name} on {DATASET_TEXT.get(ds, ds)} {split} ({n} images)",
+                     *(_ours(cells[c], rmse=True) if c in cells else DASH for c in columns)])
+    return ["## Evaluation settings side by side (not a paper table)", "",
+            "MAE / RMSE of the count of the same weights on the same images under each tiling and "
+            "ground-truth protocol.", "", *_table(["Weights and data", *columns], rows), ""]
+
+
+def report(runs: Sequence[Run]) -> str:
+    """The whole Markdown report."""
+    lines = ["# DeepCount: the paper's tables and this repository's runs", "",
+             f"{PAPER_NOTE} Every number of this repo names its settings in its row or column and "
+             f"links its run, [n], listed at the end. {DASH}: no run.", ""]
+    for part in (table2, table3, table4, table7, table8, table9, settings_table):
+        lines += part(runs)
+    lines += ["## Runs", ""]
+    lines += [f"{r.index}. {r.describe()}" for r in runs] or ["(none)"]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- command line
+def _run(args: argparse.Namespace) -> int:
+    runs, problems = load_runs(args.paths, strict=False)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        return 2
+    if not runs:
+        print("error: no deepcount evaluation JSON among the paths given (write them with "
+              "`deepcount evaluate`)", file=sys.stderr)
+        return 2
+    text = report(runs)
+    if args.out:
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text, encoding="utf-8")
+        except OSError as e:
+            print(f"error: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
+            return 2
+    if not args.quiet:
+        sys.stdout.write(text)
+    print(f"{len(runs)} run{'s' if len(runs) != 1 else ''}" + (f"; wrote {args.out}" if args.out else ""),
+          file=sys.stderr)
+    return 0
+
+
+def add_command(subparsers) -> None:
+    """Register the `report` subcommand on the `deepcount` parser."""
+    p = subparsers.add_parser(
+        "report", help="the paper's tables (2, 3, 4, 7, 8, 9) with evaluation runs beside them",
+        description="Gather `deepcount evaluate` JSONs into the paper's table layouts (Tables 2, 3, 4, "
+                    "7, 8, 9), the paper's numbers side by side with this repo's, each of ours naming "
+                    "its recipe, tiling and ground-truth protocol; a Markdown report on stdout "
+                    "(and in --out). Exit code 2 if a path is missing or not an evaluation.")
+    p.add_argument("paths", nargs="+", metavar="EVAL",
+                   help="evaluation.json files, or folders searched for them (other JSON files "
+                        "found in folders are skipped)")
+    p.add_argument("--out", default=None, metavar="FILE", help="also write the report here (e.g. report.md)")
+    p.add_argument("-q", "--quiet", action="store_true", help="do not print the report (with --out)")
+    p.set_defaults(func=_run)
