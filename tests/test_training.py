@@ -54,7 +54,7 @@ def small(out: Path, name: str, steps: int = STEPS, every: int = 2, resume: str 
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
-    return read_safetensors(run / "model.safetensors")[0]
+    return read_safetensors(run / f"{run.name}.safetensors")[0]
 
 
 def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -130,7 +130,7 @@ def test_training_lowers_the_loss_and_writes_the_run(runs, shb_root):
     targets = [torch.stack([t[k] for t in ts]) for k in range(6)]
     torch.manual_seed(0)
     before = build_network(ModelConfig(width=0.125, frontend="none"))
-    after, info = load_network(run / "model.safetensors")
+    after, info = load_network(run / "straight.safetensors")
     with torch.no_grad():
         losses = [float(paper_loss(*net.forward_maps(x), targets[5], targets[:5])[0]) for net in (before, after)]
     assert losses[1] < 0.8 * losses[0], losses
@@ -139,15 +139,15 @@ def test_training_lowers_the_loss_and_writes_the_run(runs, shb_root):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     metrics_csv = (run / "csv" / "version_0" / "metrics.csv").read_text()
     assert "train/l1_map5" in metrics_csv and "val/mae" in metrics_csv
-    side = json.loads((run / "model.json").read_text())
-    assert side["sha256"] == sha256_file(run / "model.safetensors") == info["sha256"]
+    side = json.loads((run / "straight.json").read_text())
+    assert side["sha256"] == sha256_file(run / "straight.safetensors") == info["sha256"]
     assert side["architecture"] == {"model": "deepcount", "width": 0.125, "activation": "prelu",
                                     "branches": [1, 2, 3, 4, 5]}
     assert side["recipe"] == "paper" and side["dataset"] == "shb" and side["metrics"]["step"] == STEPS
     assert side["config"]["data"]["limit"] == 12 and "val_mae" in side["metrics"]["best_val"]
     assert (run / "config.yaml").is_file()
     # the weights count a real photo through the product's API
-    result = Counter.load(run / "model.safetensors", device="cpu").count(
+    result = Counter.load(run / "straight.safetensors", device="cpu").count(
         shb_root / "part_B_final/test_data/images/IMG_1.jpg")
     assert result.count == result.count  # a number, not NaN
 
@@ -184,7 +184,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(runs):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert not (out / "killed" / "model.safetensors").exists()
+    assert not (out / "killed" / "killed.safetensors").exists()
     assert not list(ckpts.glob("*.part")) or (ckpts / "last.ckpt").exists()
     train(small(out, "killed", every=1, resume="last"))
     assert_identical(weights(out / "straight"), weights(out / "killed"))
@@ -214,7 +214,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path, shb_root, cap
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "non-finite loss" in err and "at step" in err and "recipe.lr" in err
-    assert not (tmp_path / "nan" / "model.safetensors").exists()
+    assert not (tmp_path / "nan" / "nan.safetensors").exists()
 
 
 def test_csrnet_baseline_and_detached_branches_train(tmp_path, shb_root):
@@ -222,11 +222,11 @@ def test_csrnet_baseline_and_detached_branches_train(tmp_path, shb_root):
     cfg = small(tmp_path, "csrnet", 2, 2, None, "--config", str(REPO / "configs/csrnet_shb.yaml"),
                 "--model.width", "0.125", "--data.batch_size", "2", "--data.limit", "12", "--name", "csrnet")
     train(cfg)
-    net, info = load_network(tmp_path / "csrnet" / "model.safetensors")
+    net, info = load_network(tmp_path / "csrnet" / "csrnet.safetensors")
     assert info["architecture"] == {"model": "csrnet", "width": 0.125} and info["recipe"] == "csrnet"
     cfg = small(tmp_path, "detached", 2, 2, None, "--config", str(REPO / "configs/ablations/detach_1-4.yaml"),
                 "--export.branches", "[5]")
     train(cfg)
-    net, info = load_network(tmp_path / "detached" / "model.safetensors")
+    net, info = load_network(tmp_path / "detached" / "detached.safetensors")
     assert info["architecture"]["branches"] == [5] and net.attached == (5,)
     assert asdict(cfg.model)["branches"] == [5]

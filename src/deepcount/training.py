@@ -12,10 +12,10 @@ the ranks).  A run directory holds:
   ``keep_periodic`` also ``checkpoints/step=N.ckpt``;
 - ``tensorboard/`` and ``metrics.csv`` logs (loss per head, validation MAE/RMSE);
 - ``config.yaml`` (the full resolved config);
-- ``model.safetensors`` + ``model.json``: the inference network (backbone + ``export.branches``)
+- ``<name>.safetensors`` + ``<name>.json``: the inference network (backbone + ``export.branches``)
   of the best checkpoint, with a sidecar naming config, dataset, recipe, validation metrics,
-  git commit and the file's sha256.  ``deepcount count --model run/model.safetensors`` and
-  ``deepcount evaluate --weights run/model.safetensors`` read them.
+  git commit and the file's sha256.  ``deepcount count --model runs/<name>/<name>.safetensors``
+  and ``deepcount evaluate --weights runs/<name>/<name>.safetensors`` read them.
 
 Resuming (``--resume last`` or a checkpoint path) restores the network, the optimizer, the
 learning-rate schedule, the step, the RNG states and the place in the epoch: every crop is
@@ -167,6 +167,11 @@ class TrainConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.out) / self.name
+
+    @property
+    def weights_path(self) -> Path:
+        """The inference weights the run writes (its sidecar: the same stem, ``.json``)."""
+        return self.run_dir / f"{self.name}.safetensors"
 
 
 class ConfigError(ValueError):
@@ -609,6 +614,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise ImportError(TRAIN_EXTRA_HINT)
     check_config(cfg)
     ckpt = resolve_resume(cfg)
+    import warnings  # the crop_on_device hook lives on the module on purpose (it needs the images)
+    warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run = cfg.run_dir
     run.mkdir(parents=True, exist_ok=True)
@@ -631,7 +638,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             metrics = {**tracker.best, "source": "best", "checkpoint": str(best_path)}
         elif tracker.best:
             metrics["best_val"] = tracker.best
-        weights, sidecar = export_weights(net, run / "model.safetensors", cfg, metrics)
+        weights, sidecar = export_weights(net, cfg.weights_path, cfg, metrics)
         result.update(weights=str(weights), sidecar=str(sidecar), metrics=metrics)
     return result
 
