@@ -198,6 +198,25 @@ def test_crops_cut_on_the_device_train_the_same_weights(runs):
     assert_identical(weights(out / "straight"), weights(out / "on-device"))
 
 
+def test_ddp_on_two_processes_trains_what_one_process_trains(runs):
+    """torch.distributed through Lightning (gloo on CPU): 2 ranks x batch 2 see the crops one
+    process sees with batch 4, and DDP averages their gradients, so after 2 steps the weights
+    agree with the single-process run's up to float summation order."""
+    out, _ = runs
+    cmd = [sys.executable, "-m", "deepcount.cli", "train", "--config", str(REPO / "configs/shb.yaml"),
+           *SMALL, "--out", str(out), "--name", "ddp", "--trainer.max_steps", "2",
+           "--data.batch_size", "2", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+           "--trainer.strategy", "ddp"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    train(small(out, "single", steps=2))
+    ddp, single = weights(out / "ddp"), weights(out / "single")
+    assert ddp.keys() == single.keys()
+    worst = max(float((ddp[k] - single[k]).abs().max()) for k in ddp)
+    moved = max(float((single[k] - weights(out / "straight")[k]).abs().max()) for k in single)
+    assert worst < 1e-5 < moved, (worst, moved)
+
+
 def test_starting_over_an_existing_run_is_refused(runs, capsys):
     out, _ = runs
     before = sha256_file(out / "straight" / "checkpoints" / "last.ckpt")

@@ -238,7 +238,7 @@ class CropSampler(torch.utils.data.Sampler):
 
     Epoch ``e`` is a permutation of the samples drawn from (seed, e); this rank takes every
     ``world``-th of them (padded like DistributedSampler so ranks have equal length); every
-    index is yielded with its own crop seed, derived from (seed, e, position), which
+    index is yielded with its own crop seed, derived from (seed, e, place in the order), which
     :class:`CrowdCrops` uses for the crop, the mirror and the grey draw.  ``resume_step`` (the
     optimizer steps a resumed run has done) makes the first epoch iterated skip the batches that
     epoch already trained on (none when the checkpoint closed the epoch).
@@ -273,8 +273,9 @@ class CropSampler(torch.utils.data.Sampler):
             done = self.resume_step - self.epoch * self.batches_per_epoch
             start = min(max(done, 0) * self.batch_size, len(mine))
             self.resume_step = None
-        for position in range(start, len(mine)):
-            yield mine[position], _mix(self.seed, self.epoch, self.rank, position)
+        for position in range(start, len(mine)):  # seeded by the place in the epoch's order,
+            # so N ranks with batch b draw exactly what one process with batch N*b draws
+            yield mine[position], _mix(self.seed, self.epoch, position * self.world + self.rank)
 
 
 def _mix(*values: int) -> int:
@@ -360,9 +361,15 @@ class CrowdDataModule(L.LightningDataModule if L is not None else object):  # ty
     def val_dataloader(self) -> torch.utils.data.DataLoader | list:
         if self.val_set is None:
             return []
+        images: torch.utils.data.Dataset = ValidationImages(self.val_set, self.cfg.max_pixels)
+        trainer = getattr(self, "trainer", None)
+        # every rank its share of the images (all of them when there are fewer than ranks:
+        # duplicates leave the MAE/RMSE unchanged, an empty loader would stop Lightning)
+        if trainer is not None and 1 < trainer.world_size <= len(images):
+            images = torch.utils.data.Subset(images, range(trainer.global_rank, len(images), trainer.world_size))
         workers = min(self.cfg.num_workers, 1)
         return torch.utils.data.DataLoader(
-            ValidationImages(self.val_set, self.cfg.max_pixels), batch_size=None, shuffle=False,
+            images, batch_size=None, shuffle=False,
             num_workers=workers, persistent_workers=workers > 0, collate_fn=_as_is)
 
 
@@ -433,14 +440,17 @@ class DeepCountModule(L.LightningModule if L is not None else object):  # type: 
         errors = (torch.stack(self._val_errors) if self._val_errors
                   else torch.zeros(0, dtype=torch.float64, device=self.device))
         self._val_errors = []
-        errors = self.all_gather(errors).reshape(-1) if self.trainer.world_size > 1 else errors
-        if errors.numel() == 0:
+        # each rank validated its share of the images: add up (sum |e|, sum e^2, n) over ranks
+        stats = torch.stack([errors.abs().sum(), errors.pow(2).sum(), torch.tensor(
+            float(errors.numel()), dtype=torch.float64, device=self.device)])
+        if self.trainer.world_size > 1:
+            stats = self.all_gather(stats).reshape(-1, 3).sum(0)
+        if stats[2] == 0:
             return
-        mae = errors.abs().mean()
-        rmse = errors.pow(2).mean().sqrt()
-        # the same numbers on every rank (gathered), so no further reduction is needed
-        self.log("val/mae", mae.float(), prog_bar=True, sync_dist=False, rank_zero_only=False)
-        self.log("val/rmse", rmse.float(), sync_dist=False)
+        mae, rmse = stats[0] / stats[2], (stats[1] / stats[2]).sqrt()
+        # identical on every rank after the gather, so the mean over ranks changes nothing
+        self.log("val/mae", mae.float(), prog_bar=True, sync_dist=True)
+        self.log("val/rmse", rmse.float(), sync_dist=True)
 
     def configure_optimizers(self) -> Any:
         r = self.recipe
