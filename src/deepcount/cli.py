@@ -19,6 +19,17 @@ from . import __version__
 from .images import DEFAULT_MAX_PIXELS
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (subcommand modules share it)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 # ----------------------------------------------------------------------------- count
 @dataclass
 class _Item:

@@ -58,6 +58,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .cli import positive_int
+
 if TYPE_CHECKING:  # heavy imports stay out of ``deepcount --help``
     import numpy as np
     import torch
@@ -575,16 +577,6 @@ def load_evaluation(path: str | os.PathLike) -> dict:
 
 
 # ----------------------------------------------------------------------------- command line
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _branch_list(text: str) -> tuple[int, ...]:
     if text.strip().lower() == "none":
         return ()
@@ -713,8 +705,8 @@ def add_command(subparsers) -> None:
                         "what falls off it)")
     p.add_argument("--branches", type=_branch_list, default=None, metavar="LIST",
                    help="DeepCount branches to evaluate, e.g. 1,5, or none (default: all attached)")
-    p.add_argument("--limit", type=_positive, default=None, metavar="N", help="the first N images only")
-    p.add_argument("--batch-size", type=_positive, default=8, help="tiles per forward pass (default: %(default)s)")
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="the first N images only")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="tiles per forward pass (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="folder for evaluation.json, evaluation.md and per_image.csv (default: "

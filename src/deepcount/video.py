@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from .cli import positive_int
+
 if TYPE_CHECKING:  # heavy imports stay out of ``deepcount --help``
     import numpy as np
 
@@ -380,16 +382,6 @@ def write_plot(counts: list[FrameCount], path: str | os.PathLike, title: str) ->
 
 
 # ----------------------------------------------------------------------------- command line
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return a.exists() and b.exists() and os.path.samefile(a, b)
@@ -476,9 +468,9 @@ def add_command(subparsers) -> None:
                     "or a stream URL (rtsp://, http://, ...): a CSV of counts over time, and "
                     "optionally a plot and an annotated video with the density map.")
     p.add_argument("source", help="video file, webcam index (all digits) or stream URL")
-    p.add_argument("--every", type=_positive, default=1, metavar="N",
+    p.add_argument("--every", type=positive_int, default=1, metavar="N",
                    help="count every Nth frame (default 1: all)")
-    p.add_argument("--max-frames", type=_positive, default=None, metavar="N",
+    p.add_argument("--max-frames", type=positive_int, default=None, metavar="N",
                    help="stop after N counted frames (for webcams and streams)")
     p.add_argument("--out", default=".", metavar="DIR",
                    help="folder for the default CSV, <source stem>_counts.csv (default: .)")
