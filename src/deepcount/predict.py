@@ -4,6 +4,7 @@
 >>> counter = Counter.load("default")                       # checksummed weights, device="auto"
 >>> result = counter.count("crowd.jpg")                     # backbone alone, any image size
 >>> result = counter.count("crowd.jpg", density="48x64")    # plus branch 1's map, image coords
+>>> plain = Counter.load("default", engine="eager")          # force the plain PyTorch path
 
 Models are named entries of ``deepcount.weights.REGISTRY`` (``"default"`` is the best bundled
 one) or a path to a ``.safetensors`` file; pickles are never loaded.
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from .engines import ENGINES, Engine, engine_runner, resolve_engine
 from .model import MAP_SIZES, CSRNet, DeepCount, build
 from .tiling import MODES, DensityMap, Runner, count_tiles, torch_runner
 from .weights import (DEFAULT_MODEL, PICKLE_SUFFIXES, REGISTRY, infer_architecture, model_file,
@@ -144,11 +146,20 @@ class CountResult:
 
 
 class Counter:
-    """Counts people in images of any size with a DeepCount (or the CSRNet baseline)."""
+    """Counts people in images of any size with a DeepCount (or the CSRNet baseline).
+
+    ``engine`` is how a network runs its tiles (:mod:`deepcount.engines`): ``auto`` (default)
+    is the fastest path of the device whose counts equal the plain path's within float32
+    tolerance (``channels_last`` on the CPU, measured in docs/PERFORMANCE.md); ``eager``
+    forces the plain PyTorch path; ``compile``, ``bf16``, ``tf32`` and ``cudagraphs`` are
+    opt-in.  ``auto`` can also be set for a whole process with ``$DEEPCOUNT_ENGINE`` (e.g.
+    ``DEEPCOUNT_ENGINE=eager deepcount count ...``).  An exported (onnxruntime) model has no
+    engine to choose.
+    """
 
     def __init__(self, model: nn.Module | Runner, info: dict, device: torch.device,
                  tiling: str | None = None, batch_size: int = 8,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, engine: str | Engine = "auto"):
         self.model = model
         self.info = info
         self.device = device
@@ -161,13 +172,34 @@ class Counter:
         if max_pixels is not None and (isinstance(max_pixels, bool) or int(max_pixels) < 1):
             raise ValueError(f"max_pixels must be a positive int or None (no limit), got {max_pixels!r}")
         self.max_pixels = max_pixels
+        self._engine = None
+        if isinstance(model, nn.Module):
+            self._engine = resolve_engine(_engine_choice(engine), device)
+            self.engine = self._engine.name
+        elif engine in ("auto", None):
+            self.engine = str(info.get("backend", "runner"))
+        else:
+            raise ValueError(f"engine {engine!r} applies to a PyTorch model, not to "
+                             f"{info.get('backend', 'a runner')}; leave engine='auto'")
+        self._runner: tuple[nn.Module, Runner] | None = None
+
+    @property
+    def runner(self) -> Runner:
+        """What runs a batch of tiles: the model through its engine (built once per model)."""
+        if not isinstance(self.model, nn.Module):
+            return self.model
+        if self._runner is None or self._runner[0] is not self.model:
+            self._runner = (self.model, engine_runner(self.model, self._engine, self.device))
+        return self._runner[1]
 
     @classmethod
     def load(cls, name_or_path: str | os.PathLike = "default", device: str = "auto",
              tiling: str | None = None, batch_size: int = 8,
-             max_pixels: int | None = DEFAULT_MAX_PIXELS, backend: str = "auto") -> "Counter":
+             max_pixels: int | None = DEFAULT_MAX_PIXELS, backend: str = "auto",
+             engine: str | Engine = "auto") -> "Counter":
         """A registered model (``"default"``, ``"csrnet-baseline"``, ...) or a ``.safetensors``
-        path, on ``device`` (``auto`` | ``cpu`` | ``cuda``).
+        path, on ``device`` (``auto`` | ``cpu`` | ``cuda``), run by ``engine`` (see the class:
+        ``auto`` is the device's fastest float32-exact path, ``eager`` the plain one).
 
         ``backend``: ``"torch"``; ``"onnxruntime"`` runs a file written by ``deepcount export``
         (a registry name or ``.safetensors`` is exported into the user cache on first use,
@@ -178,10 +210,13 @@ class Counter:
             from .export import cached_onnx, load_onnx_runner
             path = name_or_path if str(name_or_path).lower().endswith(".onnx") else cached_onnx(name_or_path)
             runner, info = load_onnx_runner(path, device)
-            return cls(runner, info, torch.device("cpu"), tiling, batch_size, max_pixels)  # feeds numpy
+            return cls(runner, info, torch.device("cpu"), tiling, batch_size, max_pixels,  # feeds numpy
+                       engine)
         dev = resolve_device(device)
+        if not isinstance(engine, Engine) and engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         model, info = load_network(name_or_path)
-        return cls(model.to(dev), info, dev, tiling, batch_size, max_pixels)
+        return cls(model.to(dev), info, dev, tiling, batch_size, max_pixels, engine)
 
     @property
     def name(self) -> str:
@@ -238,7 +273,7 @@ class Counter:
     def _count_one(self, source: Any, branch: int | None) -> CountResult:
         start = time.perf_counter()
         image = self.read(source)
-        total, dmap, per_tile = count_tiles(self.model, image, self.tiling, self.batch_size,
+        total, dmap, per_tile = count_tiles(self.runner, image, self.tiling, self.batch_size,
                                             branch, self.device)
         return CountResult(_label(source), total, tuple(image.shape[:2]), len(per_tile),
                            time.perf_counter() - start, dmap, per_tile)
@@ -246,6 +281,14 @@ class Counter:
     def __repr__(self) -> str:
         return (f"Counter({self.name!r}, device={str(self.device)!r}, tiling={self.tiling!r}, "
                 f"batch_size={self.batch_size})")
+
+
+def _engine_choice(engine: str | Engine | None) -> str | Engine:
+    """``auto`` becomes ``$DEEPCOUNT_ENGINE`` when that is set (a process-wide switch for the
+    command line); any other choice is kept."""
+    if engine in (None, "auto"):
+        return os.environ.get("DEEPCOUNT_ENGINE") or "auto"
+    return engine
 
 
 def _label(source: Any) -> str:

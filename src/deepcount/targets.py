@@ -170,24 +170,71 @@ class HeadKernels:
         ky, kx = self._factors(top, left, height, width)
         return (ky.T @ kx).astype(np.float32)
 
+    def _windows(self, top: int, left: int, height: int, width: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """What :meth:`_factors` spreads over the region, kept sparse: each kept head's window
+        positions along y and x, relative to the region ((n, 2r+1) int64), and its weights
+        there ((n, 2r+1) float64, zero outside the region and the image), mass rule applied."""
+        r, c, radius = self.pixels[:, 0], self.pixels[:, 1], self.config.radius
+        if self.config.keep_mass:
+            keep = (r >= top) & (r < top + height) & (c >= left) & (c < left + width)
+        else:
+            keep = ((r + radius >= top) & (r - radius < top + height)
+                    & (c + radius >= left) & (c - radius < left + width))
+        offsets = np.arange(-radius, radius + 1)
+        py = r[keep, None] - top + offsets
+        px = c[keep, None] - left + offsets
+        wy = np.where((py >= 0) & (py < height), self.wy[keep], 0.0)
+        wx = np.where((px >= 0) & (px < width), self.wx[keep], 0.0)
+        if self.config.keep_mass:
+            wy /= wy.sum(1, keepdims=True)
+            wx /= wx.sum(1, keepdims=True)
+        return py, wy, px, wx
+
     def pyramid(self, top: int = 0, left: int = 0, height: int | None = None,
                 width: int | None = None, factors: tuple[int, ...] = POOL_FACTORS,
                 flip: bool = False) -> Targets:
         """Sum-pooled maps of a region (default: the whole image, padded with zeros to a
-        multiple of each factor) and its count; ``flip`` mirrors left-right."""
+        multiple of each factor) and its count; ``flip`` mirrors left-right.
+
+        Equal to sum pooling the dense factors of :meth:`density` (``pool(ky).T @ pool(kx)``),
+        but each head's window is pooled where it lies (a bincount over its 2r+1 taps) and
+        every coarser factor that is a multiple of a finer one is pooled from it, so the cost
+        is O(heads x cells) and not O(heads x pixels)."""
         height = self.height if height is None else height
         width = self.width if width is None else width
-        ky, kx = self._factors(top, left, height, width)
+        py, wy, px, wx = self._windows(top, left, height, width)
         if flip:
-            kx = kx[:, ::-1]
-        maps = tuple((sum_pool_axis(ky, f).T @ sum_pool_axis(kx, f)).astype(np.float32)
-                     for f in factors)
-        return Targets(maps, float(ky.sum(1) @ kx.sum(1)))
+            px = width - 1 - px
+        pooled: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for f in sorted(set(factors)):
+            finer = max((g for g in pooled if f % g == 0), default=None)
+            if finer is None:
+                pooled[f] = (_pool_windows(py, wy, height, f), _pool_windows(px, wx, width, f))
+            else:
+                pooled[f] = tuple(_pool_cells(a, f // finer) for a in pooled[finer])  # type: ignore[assignment]
+        maps = tuple((pooled[f][0].T @ pooled[f][1]).astype(np.float32) for f in factors)
+        return Targets(maps, float(wy.sum(1) @ wx.sum(1)))
 
     def crop(self, top: int, left: int, flip: bool = False) -> Targets:
         """The six targets of the 384x512 training crop at (top, left) (may overhang the image:
         the overhang is padding with zero targets)."""
         return self.pyramid(top, left, *INPUT_SIZE, flip=flip)
+
+
+def _pool_windows(pos: np.ndarray, weights: np.ndarray, length: int, factor: int) -> np.ndarray:
+    """(n, ceil(length / factor)) float64: each row's weights summed into the cell of
+    ``factor`` positions that holds them (weights outside 0..length-1 must be zero)."""
+    n = len(pos)
+    cells = -(-length // factor)
+    idx = np.clip(pos, 0, length - 1) // factor + (np.arange(n) * cells)[:, None]
+    return np.bincount(idx.ravel(), weights=weights.ravel(), minlength=n * cells).reshape(n, cells)
+
+
+def _pool_cells(k: np.ndarray, ratio: int) -> np.ndarray:
+    """Sum ``ratio`` neighbouring cells along the last axis (zero-padded): pooling by
+    ``f * ratio`` of a map already pooled by ``f``."""
+    return sum_pool_axis(k, ratio) if ratio > 1 else k
 
 
 def sum_pool_axis(k: np.ndarray, factor: int) -> np.ndarray:
@@ -224,7 +271,8 @@ class GroundTruthCache:
 
     The key is the sha256 of the annotation (the points' bytes), the image size and the
     ground-truth settings, so an edited annotation or another sigma never reads a stale entry.
-    Entries are small (``.npz`` of the per-head 1-D kernels, not a dense H x W map).
+    Entries are small (``.npz`` of the per-head 1-D kernels, not a dense H x W map);
+    :meth:`pyramid` also keeps an image's whole-image targets (``pyramid-*.npy``).
     """
 
     def __init__(self, root: str | os.PathLike | None = None):
@@ -249,6 +297,34 @@ class GroundTruthCache:
         kernels = HeadKernels.from_points(points, height, width, config)
         self._write(path, kernels)
         return kernels
+
+    def pyramid(self, points: np.ndarray, height: int, width: int,
+                config: GroundTruthConfig = PAPER, factors: tuple[int, ...] = POOL_FACTORS) -> Targets:
+        """The whole-image targets (:meth:`HeadKernels.pyramid`) of an annotated image,
+        computed once and kept on disk: one float32 ``.npy`` per image (the maps and the
+        float64 count), so a cached read is a single small file."""
+        key = hashlib.sha256(f"{self.key(points, height, width, config)}:{list(factors)}".encode())
+        path = self.root / f"pyramid-{key.hexdigest()}.npy"
+        shapes = [(-(-height // f), -(-width // f)) for f in factors]
+        if path.exists():
+            try:
+                flat = np.load(path, allow_pickle=False)
+                sizes = [h * w for h, w in shapes]
+                if flat.dtype == np.float32 and flat.shape == (2 + sum(sizes),):
+                    bounds = np.cumsum([2, *sizes])
+                    maps = tuple(flat[a:b].reshape(shape) for a, b, shape in zip(bounds[:-1], bounds[1:], shapes))
+                    return Targets(maps, float(flat[:2].view(np.float64)[0]))
+            except (OSError, ValueError):
+                pass
+            path.unlink(missing_ok=True)  # torn or foreign: recompute
+        targets = HeadKernels.from_points(points, height, width, config).pyramid(factors=factors)
+        flat = np.concatenate([np.array([targets.count], np.float64).view(np.float32),
+                               *(m.ravel() for m in targets.maps)])
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, flat, allow_pickle=False)
+        tmp.replace(path)
+        return targets
 
     @staticmethod
     def _write(path: Path, k: HeadKernels) -> None:

@@ -23,8 +23,9 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from .images import to_tensor
-from .model import INPUT_SIZE, CSRNet
+from .images import IMAGENET_MEAN, IMAGENET_STD
+from .engines import Engine, engine_runner
+from .model import INPUT_SIZE
 
 TILE_HEIGHT, TILE_WIDTH = INPUT_SIZE
 MODES = ("pad", "grid")
@@ -86,22 +87,33 @@ def working_image(image: np.ndarray, plan: TilePlan) -> np.ndarray:
     return image
 
 
-def tile_batches(image: np.ndarray, plan: TilePlan, batch_size: int = 8
-                 ) -> Iterator[tuple[Tensor, list[int]]]:
+def tile_batches(image: np.ndarray, plan: TilePlan, batch_size: int = 8,
+                 channels_last: bool = True) -> Iterator[tuple[Tensor, list[int]]]:
     """Normalised (b, 3, 384, 512) float32 batches of tiles and their indices; only one batch
-    of tiles exists at a time."""
+    of tiles exists at a time.
+
+    The tiles are made in ``channels_last`` memory (NHWC strides, the layout the image already
+    has and the one oneDNN / cuDNN convolutions run fastest in, see docs/PERFORMANCE.md), so
+    any caller feeding them to a network gets the fast path; ``channels_last=False`` gives
+    contiguous NCHW tensors.  The values are the same either way (``images.to_tensor``'s)."""
     if image.shape[:2] != (plan.height, plan.width):
         raise ValueError(f"plan is for {plan.height}x{plan.width}, image is {image.shape[:2]}")
     work = working_image(image, plan)
-    h, w = work.shape[:2]
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
     for start in range(0, len(plan), batch_size):
         indices = list(range(start, min(start + batch_size, len(plan))))
-        batch = torch.zeros(len(indices), 3, TILE_HEIGHT, TILE_WIDTH)
+        nhwc = torch.zeros(len(indices), TILE_HEIGHT, TILE_WIDTH, 3)  # zero = the mean after normalising
         for j, i in enumerate(indices):
             top, left = plan.box(i)
             patch = work[top:top + TILE_HEIGHT, left:left + TILE_WIDTH]
-            batch[j, :, :patch.shape[0], :patch.shape[1]] = to_tensor(patch)
-        yield batch, indices
+            region = nhwc[j, :patch.shape[0], :patch.shape[1]]
+            pixels = np.ascontiguousarray(patch)
+            if not pixels.flags.writeable:  # torch warns on read-only buffers
+                pixels = pixels.copy()
+            region.copy_(torch.from_numpy(pixels))  # uint8 -> float32
+            region.div_(255.0).sub_(mean).div_(std)  # exactly to_tensor's arithmetic
+        batch = nhwc.permute(0, 3, 1, 2)  # (b, 3, H, W) in channels_last memory
+        yield (batch if channels_last else batch.contiguous()), indices
 
 
 def stitch(plan: TilePlan, tile_maps: np.ndarray | Tensor) -> np.ndarray:
@@ -146,38 +158,32 @@ class DensityMap:
 Runner = Callable[[Tensor, "int | None"], "tuple[Tensor, Tensor | None]"]
 
 
-def torch_runner(model: nn.Module) -> Runner:
+def torch_runner(model: nn.Module, engine: str | Engine | None = "eager") -> Runner:
     """(batch, branch) -> (counts (b,), maps (b, h, w) or None) for a DeepCount or CSRNet:
     the backbone alone unless a branch is asked for; a CSRNet counts by its density map
-    (stride 8, the size of branch 1's), which its runner's ``counts_by_map`` flag says."""
-    def run(batch: Tensor, branch: int | None) -> tuple[Tensor, Tensor | None]:
-        if isinstance(model, CSRNet):
-            density = model.density(batch)
-            return density.sum((1, 2, 3)), density[:, 0] if branch is not None else None
-        if branch is None:
-            return model(batch), None
-        count, maps = model.forward_maps(batch, [branch])
-        return count, maps[branch][:, 0]
-    run.counts_by_map = isinstance(model, CSRNet)  # type: ignore[attr-defined]
-    return run
+    (stride 8, the size of branch 1's), which its runner's ``counts_by_map`` flag says.
+    ``engine`` (see :mod:`deepcount.engines`): the plain eager path unless asked otherwise."""
+    return engine_runner(model, engine)
 
 
 @torch.inference_mode()
 def count_tiles(model: nn.Module | Runner, image: np.ndarray, mode: str = "pad", batch_size: int = 8,
-                branch: int | None = None, device: str | torch.device | None = None
-                ) -> tuple[float, DensityMap | None, list[float]]:
+                branch: int | None = None, device: str | torch.device | None = None,
+                engine: str | Engine | None = "auto") -> tuple[float, DensityMap | None, list[float]]:
     """Count the people in an (H, W, 3) uint8 image of any size.
 
     ``model`` is a DeepCount / CSRNet (on ``device``, default: where its parameters are) or a
     runner as made by :func:`torch_runner` (e.g. an exported model's session).  Returns the
     image's count (the sum of its tiles' backbone counts), the density map of ``branch``
     stitched in image coordinates (None when no branch is asked for: then no branch runs),
-    and the per-tile counts.
+    and the per-tile counts.  ``engine`` (see :mod:`deepcount.engines`) is how a network
+    runs: ``auto`` (default) is the fastest float32-exact path of the device, ``eager`` the
+    plain one; a runner ignores it.
     """
     plan = plan_tiles(image.shape[0], image.shape[1], mode)
     if isinstance(model, nn.Module):
         device = torch.device(device) if device is not None else next(model.parameters()).device
-        run = torch_runner(model)
+        run = engine_runner(model, engine, device)
     else:
         device, run = torch.device(device or "cpu"), model
     # A runner whose network counts by its density map (CSRNet, or its export) says so with

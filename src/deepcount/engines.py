@@ -1,0 +1,255 @@
+"""How a counting network runs its tiles: the inference engines behind ``Counter(engine=...)``.
+
+An engine is a way to run the *same* weights; it never changes what the network is, only the
+memory layout, the arithmetic precision and whether the graph is compiled:
+
+=================  =================================================================  ==========
+engine             what it does                                                       devices
+=================  =================================================================  ==========
+``eager``          the network as written: NCHW float32, PyTorch's default flags       cpu, cuda
+``channels_last``  NHWC tiles (oneDNN / cuDNN's native layout), float32; on the CPU    cpu, cuda
+                   freed activation memory is kept for reuse (:func:`retain_cpu_memory`)
+``compile``        ``channels_last`` through ``torch.compile`` (inductor)              cpu, cuda
+``tf32``           ``channels_last`` with TF32 convolutions and matmuls                cuda
+``bf16``           ``channels_last`` under bfloat16 autocast; the count head, density  cpu, cuda
+                   map sums and every output stay float32
+``cudagraphs``     ``bf16`` compiled with CUDA graphs (``mode="reduce-overhead"``)     cuda
+=================  =================================================================  ==========
+
+``auto`` is the fastest engine whose counts equal ``eager``'s within float32 tolerance, as
+measured side by side by ``bench/throughput.py`` (docs/PERFORMANCE.md): on the CPU that is
+``channels_last``, 1.5x ``eager`` at batch 8 (``compile`` is within 2% of it after a first
+call that compiles for seconds to a minute; onnxruntime, ``Counter.load(..., backend=
+"onnxruntime")``, within 1%).  On CUDA ``auto`` is ``channels_last`` too until a GPU
+measurement says otherwise.  ``bf16``, ``tf32`` and ``cudagraphs`` are opt-in because they
+change the numerics (``bench/bf16_counts.py`` measures bf16 counts against float32 on
+ShanghaiTech B test).  ``eager`` forces the plain path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .model import CSRNet, DeepCount
+
+ENGINES = ("auto", "eager", "channels_last", "compile", "tf32", "bf16", "cudagraphs")
+PRECISIONS = ("default", "fp32", "tf32", "bf16")
+CUDA_ONLY = ("tf32", "cudagraphs")
+# What ``auto`` means on each device (bench/throughput.py measured the CPU choice; the CUDA
+# one is the float32-exact layout change, pending a GPU measurement).
+AUTO: dict[str, str] = {"cpu": "channels_last", "cuda": "channels_last"}
+
+Runner = Callable[[Tensor, "int | None"], "tuple[Tensor, Tensor | None]"]
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One way to run a network: ``precision`` is ``default`` (PyTorch's flags as they are),
+    ``fp32`` (no TF32 anywhere), ``tf32`` or ``bf16`` (autocast; outputs float32);
+    ``retain_memory``: on the CPU, keep freed activation memory for the next layer and the next
+    batch instead of handing it back to the OS (:func:`retain_cpu_memory`)."""
+
+    name: str
+    channels_last: bool = False
+    precision: str = "default"
+    compile: bool = False
+    cuda_graphs: bool = False
+    retain_memory: bool = False
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+
+PRESETS: dict[str, Engine] = {
+    "eager": Engine("eager"),
+    "channels_last": Engine("channels_last", channels_last=True, retain_memory=True),
+    "compile": Engine("compile", channels_last=True, compile=True, retain_memory=True),
+    "tf32": Engine("tf32", channels_last=True, precision="tf32"),
+    "bf16": Engine("bf16", channels_last=True, precision="bf16", retain_memory=True),
+    "cudagraphs": Engine("cudagraphs", channels_last=True, precision="bf16", compile=True,
+                         cuda_graphs=True),
+}
+
+# ----------------------------------------------------------------------------- CPU memory
+# glibc's malloc serves every block above its mmap threshold (at most 32 MiB) with a fresh
+# mmap and unmaps it on free, so each of the network's activations (a 384x512x64 float map is
+# 50 MiB per tile) is page-faulted and zeroed by the kernel again at every layer of every
+# batch: ~540,000 page faults and ~1.5 s of system time per batch of 8 tiles at width 1.0 on
+# the reference machine.  Keeping freed memory in the heap removes them (docs/PERFORMANCE.md).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters (malloc.h)
+_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
+_RETAIN = {_M_TRIM_THRESHOLD: 2 ** 31 - 1, _M_MMAP_MAX: 0}  # mallopt takes a C int
+_retaining = False
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def retain_cpu_memory(enable: bool = True) -> bool:
+    """Make glibc's malloc keep freed memory for reuse (no mmap per large block, no trimming),
+    so activations are not page-faulted again at every layer and batch; the process keeps its
+    peak memory instead of returning it.  ``enable=False`` restores glibc's defaults and
+    returns the free memory to the OS.  Process-wide; the CPU engines other than ``eager``
+    turn it on.  Returns whether it applies (glibc on Linux)."""
+    global _retaining
+    libc = _libc()
+    if libc is None:
+        return False
+    for param, value in (_RETAIN if enable else _GLIBC_DEFAULTS).items():
+        libc.mallopt(param, value)
+    if not enable:
+        libc.malloc_trim(0)
+    _retaining = enable
+    return True
+
+
+def retaining_cpu_memory() -> bool:
+    """Whether :func:`retain_cpu_memory` is on in this process."""
+    return _retaining
+
+
+@contextlib.contextmanager
+def glibc_malloc_defaults() -> Iterator[None]:
+    """The body runs with glibc's default malloc behaviour (the state of a fresh process: free
+    memory returned first), then the previous setting is restored; for benchmarks comparing
+    against the plain path."""
+    was = _retaining
+    retain_cpu_memory(False)
+    try:
+        yield
+    finally:
+        if was:
+            retain_cpu_memory(True)
+
+
+def resolve_engine(engine: str | Engine | None, device: str | torch.device = "cpu") -> Engine:
+    """The :class:`Engine` for a name (``auto`` -> this device's default) on ``device``;
+    a CUDA-only engine on the CPU is a ``ValueError``."""
+    kind = torch.device(device).type
+    if isinstance(engine, Engine):
+        resolved = engine
+    else:
+        name = "auto" if engine is None else str(engine)
+        if name not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        resolved = PRESETS[AUTO.get(kind, "eager") if name == "auto" else name]
+    if kind != "cuda" and (resolved.name in CUDA_ONLY or resolved.cuda_graphs
+                           or resolved.precision == "tf32"):
+        raise ValueError(f"engine {resolved.name!r} needs a CUDA device, got {str(device)!r}")
+    return resolved
+
+
+@contextlib.contextmanager
+def precision_context(precision: str, device_type: str) -> Iterator[None]:
+    """Run the body in ``precision``; global TF32 flags are restored afterwards."""
+    if precision == "bf16":
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            yield
+        return
+    if precision == "default" or device_type != "cuda":
+        yield
+        return
+    want = "tf32" if precision == "tf32" else "ieee"
+    conv = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
+    if conv is not None:  # torch >= 2.9: the fp32_precision API
+        old = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+        torch.backends.cuda.matmul.fp32_precision = want
+        torch.backends.cudnn.conv.fp32_precision = want
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = old
+    else:
+        old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = want == "tf32"
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def forward(model: nn.Module, batch: Tensor, branch: int | None,
+            low_precision: bool = False) -> tuple[Tensor, Tensor | None]:
+    """(counts (b,) float32, map of ``branch`` (b, h, w) float32 or None) for a DeepCount, a
+    CSRNet (count = its map's sum; the map whenever a branch is asked for) or any module
+    returning counts.  ``low_precision``: the body runs under an active autocast; the count head
+    and every sum run in float32 on float32 inputs."""
+    if isinstance(model, CSRNet):
+        density = model.density(batch).float()
+        return density.sum((1, 2, 3)), density[:, 0] if branch is not None else None
+    if isinstance(model, DeepCount):
+        if low_precision:
+            vector, skips = model.backbone.features(batch)
+            m = model.branches[str(branch)](vector, skips).float()[:, 0] if branch is not None else None
+            with torch.autocast(batch.device.type, enabled=False):
+                return model.backbone.head(vector.float()), m
+        if branch is None:
+            return model(batch), None
+        count, maps = model.forward_maps(batch, [branch])
+        return count, maps[branch][:, 0]
+    if branch is None:
+        return model(batch).float(), None
+    count, maps = model.forward_maps(batch, [branch])
+    return count.float(), maps[branch][:, 0].float()
+
+
+def engine_runner(model: nn.Module, engine: str | Engine | None = "eager",
+                  device: str | torch.device | None = None) -> Runner:
+    """(batch, branch) -> (counts (b,), maps (b, h, w) or None) running ``model`` with
+    ``engine`` (default: the plain eager path).  ``device``: where the model is (default:
+    where its parameters are).  The runner's ``engine`` attribute names what it runs and
+    ``counts_by_map`` says a CSRNet counts by its map (see :func:`deepcount.tiling.count_tiles`)."""
+    if device is None:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    device = torch.device(device)
+    eng = resolve_engine(engine, device)
+    low = eng.precision == "bf16"
+    if eng.retain_memory and device.type == "cpu" and not _retaining:
+        retain_cpu_memory(True)
+
+    def step(batch: Tensor, branch: int | None) -> tuple[Tensor, Tensor | None]:
+        return forward(model, batch, branch, low)
+
+    compiled: dict[str, Callable] = {}
+
+    def run(batch: Tensor, branch: int | None) -> tuple[Tensor, Tensor | None]:
+        # (tiling.tile_batches makes channels_last tiles: for `eager` this is the NCHW copy)
+        batch = batch.contiguous(memory_format=torch.channels_last if eng.channels_last
+                                 else torch.contiguous_format)
+        fn = step
+        if eng.compile:
+            if "fn" not in compiled:
+                compiled["fn"] = torch.compile(step, mode="reduce-overhead" if eng.cuda_graphs else None)
+            fn = compiled["fn"]
+        with precision_context(eng.precision, device.type):
+            if eng.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            count, m = fn(batch, branch)
+        if eng.cuda_graphs:  # the graph's output buffers are overwritten by the next replay
+            count, m = count.clone(), (m.clone() if m is not None else None)
+        return count, m
+
+    run.counts_by_map = isinstance(model, CSRNet)  # type: ignore[attr-defined]
+    run.engine = eng  # type: ignore[attr-defined]
+    return run
+
+
+__all__ = ["AUTO", "ENGINES", "Engine", "PRESETS", "engine_runner", "forward", "glibc_malloc_defaults",
+           "precision_context", "resolve_engine", "retain_cpu_memory", "retaining_cpu_memory"]

@@ -1,0 +1,134 @@
+"""Every benchmark of bench/ runs once in its tiny "smoke" size, so none can rot; the checks are
+on the JSON it writes (structure and sanity), never on timings."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+NO_GPU = "not measured: no GPU"
+
+
+def bench(name: str, tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / f"{name}.py"), "--smoke", "--out", str(out), *extra],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "|" in proc.stdout  # it printed a table
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == name and data["smoke"] is True
+    assert data["command"].startswith(f"python bench/{name}.py")
+    assert data["machine"]["torch"] == torch.__version__ and data["machine"]["logical_cpus"] >= 1
+    assert "loadavg_start" in data and "loadavg_end" in data
+    return data
+
+
+def positive(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+def test_flops_match_the_per_layer_sums_and_the_paper(tmp_path):
+    d = bench("flops", tmp_path)
+    t = d["totals"]
+    assert all(t["layer_sums_match"].values()), t["layer_sums_match"]
+    assert t["csrnet_over_backbone"] == pytest.approx(1.337, abs=0.005)  # the FLOPs bound on the speed-up
+    assert t["frontend_flops"] / 2 == pytest.approx(54.7e9, rel=0.01)
+    five = d["table5"]
+    for key, col in five.items():
+        assert col["rows_match_paper"], key
+        assert col["flops"] == sum(r["flops"] for r in col["rows"])
+        for r in col["rows"]:
+            assert r["macs"] == r["flops"] / 2
+    # torch's multiply-adds equal the paper's numbers for ordinary convolutions ...
+    assert five["csrnet_backend"]["macs"] / 1e6 == pytest.approx(five["csrnet_backend"]["paper_mmacs"], rel=0.001)
+    assert five["deepcount_backbone"]["macs"] / 1e6 == pytest.approx(five["deepcount_backbone"]["paper_mmacs"], rel=0.001)
+    # ... while the paper's eq. 7 counts a stride-2 transposed convolution 4x (output size x all taps)
+    b1 = five["deepcount_branch1"]
+    assert b1["eq7_macs"] / 1e6 == pytest.approx(b1["paper_mmacs"], rel=0.001)
+    for r in b1["rows"][1:5]:
+        assert r["eq7_macs"] == 4 * r["macs"]
+    # Table 7: branches 2-5 are eq. 7 sums; branch 1's 6,034 M is the backbone column's sum
+    t7 = d["table7"]
+    for k in ("2", "3", "4", "5"):
+        assert t7[k]["eq7_macs"] / 1e6 == pytest.approx(t7[k]["paper_table7_mmacs"], rel=0.01)
+    assert t7["1"]["paper_table7_mmacs"] == pytest.approx(five["deepcount_backbone"]["macs"] / 1e6, rel=0.001)
+    assert d["params"]["deepcount_backbone"] == 21_407_553 and d["params"]["csrnet"] == 16_263_489
+
+
+def test_throughput_smoke(tmp_path):
+    d = bench("throughput", tmp_path)
+    cpu = d["devices"]["cpu"]
+    assert set(cpu["batches"]) == {"1", "2"}
+    for b, res in cpu["batches"].items():
+        engines = res["engines"]
+        assert {"eager", "channels_last", "onnxruntime", "bf16"} <= set(engines)
+        for name, e in engines.items():
+            for label in ("deepcount_backbone", "csrnet", "deepcount_branch1"):
+                assert positive(e[label]["per_s"]) and len(e[label]["seconds"]) == res["rounds"]
+                tol = 0.05 if name == "bf16" else 1e-4  # relative to max(|count|, 1)
+                assert e[label]["max_rel_count_err_vs_eager"] <= tol, (b, name, label)
+            assert positive(e["ratio_deepcount_over_csrnet"]["median"])
+            if name != "eager":
+                assert positive(e["speedup_vs_eager"]["deepcount_backbone"]["median"])
+        assert positive(res["summary"]["best_vs_best"]["median"])
+        assert positive(res["summary"]["deepcount_best_vs_csrnet_eager"]["median"])
+    if not torch.cuda.is_available():
+        assert d["devices"]["cuda"] == NO_GPU
+
+
+def test_roof_smoke(tmp_path):
+    d = bench("roof", tmp_path)
+    cpu = d["cpu"]
+    assert positive(cpu["roof"]["float32"]["gflops"]) and positive(cpu["roof"]["bfloat16"]["gflops"])
+    for key, r in cpu["networks"].items():
+        assert positive(r["pct_of_roof"]) and positive(r["roof_crops_per_s"]), key
+        assert r["achieved_gflops"] == pytest.approx(cpu["flops_per_crop"][r["network"]] * r["per_s"] / 1e9)
+    if not torch.cuda.is_available():
+        assert d["cuda"] == NO_GPU
+
+
+def test_ground_truth_smoke(tmp_path):
+    d = bench("ground_truth", tmp_path)
+    assert d["images"] == 20 and d["heads"] > 0
+    assert set(d["passes"]) == {"uncached", "cold", "cached", "before: uncached", "before: cold", "before: cached"}
+    assert all(positive(p["median_s"]) for p in d["passes"].values())
+    assert set(d["speedup_vs_before"]) == {"uncached", "cold", "cached"}
+
+
+def test_train_step_smoke(tmp_path):
+    d = bench("train_step", tmp_path)
+    for b in ("1", "2"):
+        res = d["batches"][b]
+        for layout in ("nchw", "channels_last"):
+            assert positive(res[layout]["per_s"]) and math.isfinite(res[layout]["last_loss"])
+        assert positive(res["channels_last_speedup"]["median"])
+
+
+def test_end_to_end_smoke(tmp_path):
+    d = bench("end_to_end", tmp_path)
+    lat = d["latency_1024x768"]["deepcount"]
+    assert lat["engine"] == "channels_last" and positive(lat["speedup"]["median"])
+    assert lat["count_auto"] == pytest.approx(lat["count_eager"], rel=1e-4, abs=1e-4)
+    big = d["big_image"]["runs"]["auto"]
+    assert big["tiles"] == 4 and big["size"] == [600, 800] and positive(big["peak_rss_mb"])
+    folder = d["folder"]
+    assert set(folder) == {"deepcount-default-engine", "deepcount-eager"}
+    assert all(r["images"] == 2 and r["counted"] == 2 and r["failed"] == 0 and positive(r["wall_s"])
+               for r in folder.values())
+
+
+def test_bf16_counts_smoke(tmp_path):
+    d = bench("bf16_counts", tmp_path)
+    r = d["result"]
+    assert r["images"] == 1 and r["model"] == "csrnet-baseline"
+    assert positive(r["total_fp32"]) and positive(r["total_bf16"])
+    assert r["total_rel_diff"] < 0.05 and isinstance(r["within_target_total"], bool)
+    if not torch.cuda.is_available():
+        assert r["device"] == "cpu" and d["cuda"] == NO_GPU
