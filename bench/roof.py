@@ -76,7 +76,6 @@ def gemms(device: str, n: int, smoke: bool) -> dict[str, tuple[callable, float, 
 
 def _ort_matmul(n: int):
     import numpy as np
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
