@@ -28,9 +28,14 @@ import torch  # noqa: E402
 NOT_MEASURED_NO_GPU = "not measured: no GPU"
 
 
+# Benchmarks read the real data beside the repository unless $DEEPCOUNT_DATA says otherwise
+# (set here so that deepcount.datasets.load_dataset(name, None, ...) finds it too).
+os.environ.setdefault("DEEPCOUNT_DATA", str(REPO.parent / "shared" / "data"))
+
+
 def data_root() -> Path:
-    """Where the datasets are: $DEEPCOUNT_DATA, else ../shared/data beside the repository."""
-    return Path(os.environ.get("DEEPCOUNT_DATA") or REPO.parent / "shared" / "data")
+    """Where the datasets are: $DEEPCOUNT_DATA (default ../shared/data beside the repository)."""
+    return Path(os.environ["DEEPCOUNT_DATA"])
 
 
 def shb(split: str):

@@ -9,6 +9,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DEEPCOUNT_DATA", REPO.parent / "shared" / "data"))
+# what deepcount.datasets.dataset_root (load_dataset(name, None, ...), the commands) reads
+os.environ["DEEPCOUNT_DATA"] = str(DATA)
 
 
 @pytest.fixture(scope="session")

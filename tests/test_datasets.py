@@ -388,3 +388,15 @@ def test_train_val_split(sht):
     assert tr.total_count + va.total_count == 49_280
     with pytest.raises(ValueError, match="test"):
         train_val_split(sht["B", "test"])
+
+
+def test_dataset_root_comes_from_the_caller_or_deepcount_data(monkeypatch, data_root):
+    from deepcount.datasets import dataset_root, load_dataset
+
+    monkeypatch.setenv("DEEPCOUNT_DATA", str(data_root))
+    assert dataset_root("shb") == data_root / "ShanghaiTech"
+    assert len(load_dataset("mall", None, "test")) == 1200
+    monkeypatch.delenv("DEEPCOUNT_DATA")
+    assert dataset_root("shb", data_root / "ShanghaiTech") == data_root / "ShanghaiTech"
+    with pytest.raises(FileNotFoundError, match="DEEPCOUNT_DATA"):
+        load_dataset("shb", None, "test")

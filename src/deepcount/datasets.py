@@ -557,13 +557,11 @@ RELEASE_FOLDERS: dict[str, str] = {
     "jhu": "jhu_crowd_v2.0",
     "nwpu": "NWPU-Crowd",
 }
-DEFAULT_DATA_DIR = Path("..") / "shared" / "data"
 
 
 def dataset_root(name: str, root: str | Path | None = None) -> Path:
     """Where dataset ``name`` lives: ``root`` as given when it exists (or is absolute), else
-    ``root`` (default: the release's folder name) under ``$DEEPCOUNT_DATA`` (default
-    ``../shared/data``)."""
+    ``root`` (default: the release's folder name) under ``$DEEPCOUNT_DATA``."""
     import os
 
     if name not in DATASETS:
@@ -572,8 +570,12 @@ def dataset_root(name: str, root: str | Path | None = None) -> Path:
         return Path(root)
     if root is None and name not in RELEASE_FOLDERS:
         raise ValueError(f"dataset {name!r} has no conventional folder: give its root")
-    base = Path(os.environ.get("DEEPCOUNT_DATA") or DEFAULT_DATA_DIR)
-    return base / (root if root is not None else RELEASE_FOLDERS[name])
+    base = os.environ.get("DEEPCOUNT_DATA")
+    if not base:
+        raise FileNotFoundError(
+            f"where is {name!r}? pass its folder (root / --root / --data.root) or set DEEPCOUNT_DATA "
+            f"to the folder that holds {root if root is not None else RELEASE_FOLDERS[name]}/")
+    return Path(base) / (root if root is not None else RELEASE_FOLDERS[name])
 
 
 def load_dataset(name: str, root: str | Path | None, split: str) -> CrowdDataset:

@@ -684,8 +684,7 @@ def add_command(subparsers) -> None:
                    help="dataset (default: %(default)s)")
     p.add_argument("--split", default="test", help="split (default: %(default)s)")
     p.add_argument("--root", default=None, metavar="DIR",
-                   help="dataset folder (default: its release folder under $DEEPCOUNT_DATA, else "
-                        "../shared/data)")
+                   help="dataset folder (default: its release folder under $DEEPCOUNT_DATA)")
     p.add_argument("--tiling", default=None, choices=["pad", "grid"],
                    help="pad: keep scale, pad to whole 384x512 tiles (branch sums leave out "
                         "padding-only cells); grid: resize to a grid of tiles (authors' code); "

@@ -80,7 +80,7 @@ class DataConfig:
     """Training crops and the validation images."""
 
     dataset: str = "shb"  # sha | shb | mall | ucf_qnrf | jhu | nwpu | custom
-    root: str | None = None  # None: $DEEPCOUNT_DATA/<release folder> (default ../shared/data)
+    root: str | None = None  # None: $DEEPCOUNT_DATA/<release folder>
     split: str = "train"
     val_fraction: float = 0.1  # carved from `split` with a fixed seed (never the test split)
     limit: int | None = None  # use only the first N images of `split` (smoke runs)
