@@ -120,11 +120,13 @@ def test_end_to_end_smoke(tmp_path):
     assert lat["engine"] == "channels_last" and positive(lat["speedup"]["median"])
     assert lat["count_auto"] == pytest.approx(lat["count_eager"], rel=1e-4, abs=1e-4)
     big = d["big_image"]["runs"]["auto"]
-    assert big["tiles"] == 4 and big["size"] == [600, 800] and positive(big["peak_rss_mb"])
+    assert big["tiles"] == 4 and big["size"] == [600, 800]
+    # the child's own peak (torch alone is > 100 MB), which counting can only raise
+    assert 100 < big["peak_rss_mb_after_load"] <= big["peak_rss_mb"]
     folder = d["folder"]
     assert set(folder) == {"deepcount-default-engine", "deepcount-eager"}
     assert all(r["images"] == 2 and r["counted"] == 2 and r["failed"] == 0 and positive(r["wall_s"])
-               for r in folder.values())
+               and r["peak_rss_mb"] > 100 for r in folder.values())
 
 
 def test_bf16_counts_smoke(tmp_path):
