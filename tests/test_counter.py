@@ -20,6 +20,7 @@ from deepcount import weights
 from deepcount.datasets import shanghaitech
 from deepcount.images import ImageLoadError, load_image
 from deepcount.model import DeepCount, architecture
+from deepcount.engines import default_batch_size
 from deepcount.predict import load_network, parse_density, resolve_device
 from deepcount.tiling import DensityMap, count_tiles
 from deepcount.weights import HashMismatchError, ModelEntry, sha256_file
@@ -407,6 +408,8 @@ def test_devices_and_options_are_checked(small_file: Path):
         Counter.load(small_file, device="cpu", batch_size=0)
     with pytest.raises(ValueError, match="max_pixels"):
         Counter.load(small_file, device="cpu", max_pixels=0)
+    # the CPU default: throughput does not depend on the batch there, memory does
+    assert Counter.load(small_file, device="cpu").batch_size == default_batch_size("cpu") == 2
     assert repr(Counter.load(small_file, device="cpu", batch_size=2)) == \
         "Counter('small', device='cpu', tiling='pad', batch_size=2)"
 

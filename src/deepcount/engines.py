@@ -43,6 +43,16 @@ CUDA_ONLY = ("tf32", "cudagraphs")
 # What ``auto`` means on each device (bench/throughput.py measured the CPU choice; the CUDA
 # one is the float32-exact layout change, pending a GPU measurement).
 AUTO: dict[str, str] = {"cpu": "channels_last", "cuda": "channels_last"}
+# Tiles per forward pass when the caller does not say.  On the CPU the batch size does not
+# change throughput (1.75-1.78 tiles/s for batches of 1, 2, 4 and 8) but each tile in a batch
+# holds ~200 MB of activations, so a batch of 2 keeps an 8000x6000 photo under 2 GB of peak
+# RSS (docs/PERFORMANCE.md, section 4).  On CUDA: 8, pending a GPU measurement.
+AUTO_BATCH_SIZE: dict[str, int] = {"cpu": 2, "cuda": 8}
+
+
+def default_batch_size(device: str | torch.device = "cpu") -> int:
+    """Tiles per forward pass for ``device`` when none is asked for (:data:`AUTO_BATCH_SIZE`)."""
+    return AUTO_BATCH_SIZE.get(torch.device(device).type, 8)
 
 Runner = Callable[[Tensor, "int | None"], "tuple[Tensor, Tensor | None]"]
 
@@ -251,5 +261,6 @@ def engine_runner(model: nn.Module, engine: str | Engine | None = "eager",
     return run
 
 
-__all__ = ["AUTO", "ENGINES", "Engine", "PRESETS", "engine_runner", "forward", "glibc_malloc_defaults",
+__all__ = ["AUTO", "AUTO_BATCH_SIZE", "ENGINES", "Engine", "PRESETS", "default_batch_size", "engine_runner",
+           "forward", "glibc_malloc_defaults",
            "precision_context", "resolve_engine", "retain_cpu_memory", "retaining_cpu_memory"]

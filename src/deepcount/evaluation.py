@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .cli import positive_int
+from .engines import default_batch_size
 
 if TYPE_CHECKING:  # heavy imports stay out of ``deepcount --help``
     import numpy as np
@@ -436,7 +437,7 @@ def _image_name(item: AnnotatedImage, root: str | None) -> str:
 def evaluate(model: nn.Module | str | os.PathLike, dataset: Sequence[AnnotatedImage], *,
              tiling: str | None = None, protocol: str = "points",
              ground_truth: GroundTruthConfig | str | None = None,
-             branches: Sequence[int] | None = None, batch_size: int = 8,
+             branches: Sequence[int] | None = None, batch_size: int | None = None,
              device: str | torch.device | None = "auto", limit: int | None = None,
              progress: bool = True, info: dict | None = None, dataset_name: str | None = None,
              root: str | os.PathLike | None = None, max_pixels: int | None = None) -> Evaluation:
@@ -488,7 +489,7 @@ def evaluate(model: nn.Module | str | os.PathLike, dataset: Sequence[AnnotatedIm
     elif ground_truth is not None:
         raise ValueError("a ground-truth config applies to protocol 'blurred' only; "
                          "protocol 'points' counts the annotations")
-    if int(batch_size) < 1:
+    if batch_size is not None and int(batch_size) < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
     if limit is not None and int(limit) < 1:
         raise ValueError(f"limit must be at least 1, got {limit!r}")
@@ -509,6 +510,7 @@ def evaluate(model: nn.Module | str | os.PathLike, dataset: Sequence[AnnotatedIm
                     for k in wanted})
 
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
+    batch_size = default_batch_size(dev) if batch_size is None else int(batch_size)
     model = model.to(dev).eval()
     items = list(dataset)[:limit] if limit is not None else list(dataset)
     if not items:
@@ -705,7 +707,9 @@ def add_command(subparsers) -> None:
     p.add_argument("--branches", type=_branch_list, default=None, metavar="LIST",
                    help="DeepCount branches to evaluate, e.g. 1,5, or none (default: all attached)")
     p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="the first N images only")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="tiles per forward pass (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="tiles per forward pass (default: 2 on a CPU, where more does not count faster "
+                        "and only takes memory; 8 on a GPU)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="folder for evaluation.json, evaluation.md and per_image.csv (default: "

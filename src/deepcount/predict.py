@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
-from .engines import ENGINES, Engine, engine_runner, resolve_engine
+from .engines import ENGINES, Engine, default_batch_size, engine_runner, resolve_engine
 from .model import MAP_SIZES, CSRNet, DeepCount, build
 from .tiling import MODES, DensityMap, Runner, count_tiles, torch_runner
 from .weights import (DEFAULT_MODEL, PICKLE_SUFFIXES, REGISTRY, infer_architecture, model_file,
@@ -158,7 +158,7 @@ class Counter:
     """
 
     def __init__(self, model: nn.Module | Runner, info: dict, device: torch.device,
-                 tiling: str | None = None, batch_size: int = 8,
+                 tiling: str | None = None, batch_size: int | None = None,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS, engine: str | Engine = "auto"):
         self.model = model
         self.info = info
@@ -166,7 +166,7 @@ class Counter:
         self.tiling = tiling or info.get("tiling", "pad")
         if self.tiling not in MODES:
             raise ValueError(f"tiling must be one of {MODES}, got {self.tiling!r}")
-        self.batch_size = int(batch_size)
+        self.batch_size = default_batch_size(device) if batch_size is None else int(batch_size)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
         if max_pixels is not None and (isinstance(max_pixels, bool) or int(max_pixels) < 1):
@@ -194,7 +194,7 @@ class Counter:
 
     @classmethod
     def load(cls, name_or_path: str | os.PathLike = "default", device: str = "auto",
-             tiling: str | None = None, batch_size: int = 8,
+             tiling: str | None = None, batch_size: int | None = None,
              max_pixels: int | None = DEFAULT_MAX_PIXELS, backend: str = "auto",
              engine: str | Engine = "auto") -> "Counter":
         """A registered model (``"default"``, ``"csrnet-baseline"``, ...) or a ``.safetensors``
