@@ -85,14 +85,17 @@ def networks(width: float, smoke: bool) -> tuple[dict[str, torch.nn.Module], str
         return nets, f"random weights (trained ones unavailable: {type(e).__name__})"
 
 
-def onnx_runners(nets: dict[str, torch.nn.Module], threads: int) -> dict[str, Callable]:
-    """onnxruntime sessions of the three contenders, as ``deepcount export`` writes them."""
+def onnx_runners(nets: dict[str, torch.nn.Module], threads: int, arena: bool = True) -> dict[str, Callable]:
+    """onnxruntime sessions of the three contenders, as ``deepcount export`` writes them.
+    ``arena=False`` hands each run's buffers back: three arenas sized for batch 32 do not fit
+    in 23 GiB together (the process is killed by the kernel's OOM killer)."""
     import onnxruntime as ort
 
     from deepcount.export import CountGraph, onnx_model
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
+    so.enable_cpu_mem_arena = arena
     runners = {}
     for label, net_key, branch in C.CONTENDERS:
         graph = CountGraph(nets[net_key], branch).eval()
@@ -145,9 +148,13 @@ def measure_device(device: str, engines: dict[str, Engine | None], batches: list
     ort_runners = None
     if "onnxruntime" in engines:
         t = time.perf_counter()
-        ort_runners = onnx_runners(nets, torch.get_num_threads())
-        print(f"# onnxruntime: exported and loaded 3 graphs in {time.perf_counter() - t:.1f} s")
+        arena = max(batches) < 32
+        ort_runners = onnx_runners(nets, torch.get_num_threads(), arena)
+        print(f"# onnxruntime: exported and loaded 3 graphs in {time.perf_counter() - t:.1f} s "
+              f"(memory arena {'on' if arena else 'off: batch >= 32'})")
     result: dict[str, Any] = {"input": source, "batches": {}}
+    if ort_runners is not None:
+        result["onnxruntime_memory_arena"] = arena
     for b in batches:
         x = base[:b].to(device)
         fns: dict[str, Callable] = {}
