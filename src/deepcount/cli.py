@@ -30,6 +30,11 @@ def positive_int(text: str) -> int:
     return value
 
 
+# --batch-size of count, evaluate, video and serve (the default is engines.default_batch_size)
+BATCH_SIZE_HELP = ("tiles per forward pass (default: 2 on a CPU, where more does not count faster "
+                   "and only takes memory; 8 on a GPU)")
+
+
 # ----------------------------------------------------------------------------- count
 @dataclass
 class _Item:
@@ -336,8 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="pad: keep scale, pad to whole 384x512 tiles; grid: resize to a grid of "
                         "tiles (authors' code); default: the model's own")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="tiles per forward pass (default: 2 on a CPU, where more does not count "
-                        "faster and only takes memory; 8 on a GPU)")
+                   help=BATCH_SIZE_HELP)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"], help="onnxruntime: run a `deepcount export` .onnx file (auto: by the --model suffix)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,

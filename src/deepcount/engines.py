@@ -43,10 +43,10 @@ CUDA_ONLY = ("tf32", "cudagraphs")
 # What ``auto`` means on each device (bench/throughput.py measured the CPU choice; the CUDA
 # one is the float32-exact layout change, pending a GPU measurement).
 AUTO: dict[str, str] = {"cpu": "channels_last", "cuda": "channels_last"}
-# Tiles per forward pass when the caller does not say.  On the CPU the batch size does not
-# change throughput (1.75-1.78 tiles/s for batches of 1, 2, 4 and 8) but each tile in a batch
-# holds ~200 MB of activations, so a batch of 2 keeps an 8000x6000 photo under 2 GB of peak
-# RSS (docs/PERFORMANCE.md, section 4).  On CUDA: 8, pending a GPU measurement.
+# Tiles per forward pass when the caller does not say.  On the CPU the batch size barely
+# changes throughput (1.735-1.766 tiles/s for batches of 1, 2, 4 and 8) but each extra tile
+# holds 90-170 MB of activations: peak RSS 766 MB at 2, 2,039 MB at 8 (docs/PERFORMANCE.md,
+# "Tiles per forward pass").  On CUDA: 8, pending a GPU measurement.
 AUTO_BATCH_SIZE: dict[str, int] = {"cpu": 2, "cuda": 8}
 
 

@@ -58,7 +58,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cli import positive_int
+from .cli import BATCH_SIZE_HELP, positive_int
 from .engines import default_batch_size
 
 if TYPE_CHECKING:  # heavy imports stay out of ``deepcount --help``
@@ -708,8 +708,7 @@ def add_command(subparsers) -> None:
                    help="DeepCount branches to evaluate, e.g. 1,5, or none (default: all attached)")
     p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="the first N images only")
     p.add_argument("--batch-size", type=positive_int, default=None,
-                   help="tiles per forward pass (default: 2 on a CPU, where more does not count faster "
-                        "and only takes memory; 8 on a GPU)")
+                   help=BATCH_SIZE_HELP)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="folder for evaluation.json, evaluation.md and per_image.csv (default: "

@@ -64,7 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cli import positive_int
+from .cli import BATCH_SIZE_HELP, positive_int
 
 STATIC_DIR = Path(__file__).parent / "static"
 MULTIPART_ALLOWANCE = 64 * 1024  # envelope bytes allowed on top of the image in a multipart body
@@ -551,8 +551,7 @@ def add_command(subparsers) -> None:
     p.add_argument("--tiling", default=None, choices=["pad", "grid"],
                    help="pad | grid (default: the model's own)")
     p.add_argument("--batch-size", type=positive_int, default=None,
-                   help="tiles per forward pass (default: 2 on a CPU, where more does not count "
-                        "faster and only takes memory; 8 on a GPU)")
+                   help=BATCH_SIZE_HELP)
     p.add_argument("--max-upload-bytes", type=_size_arg, default=d.max_upload_bytes,
                    help="largest upload: 20MB (default; MB = 10^6), 512KB, 20MiB, or bytes")
     p.add_argument("--max-pixels", type=int, default=d.max_pixels,

@@ -134,8 +134,9 @@ class TrainerConfig:
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp | ...
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
-    # layout of the network and the crops: auto (channels_last: 1.09-1.17x per CPU step,
-    # docs/PERFORMANCE.md) | channels_last | contiguous (NCHW)
+    # layout of the network and the crops: auto (channels_last: 1.13-1.18x per CPU step, and
+    # 1.27-1.31x with the CPU memory retention train() turns on; docs/PERFORMANCE.md) |
+    # channels_last | contiguous (NCHW)
     memory_format: str = "auto"
     check_val_every_n_epoch: int | None = 1
     val_check_interval: int | float | None = None  # optimizer steps (int) or epoch fraction

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from .cli import positive_int
+from .cli import BATCH_SIZE_HELP, positive_int
 
 if TYPE_CHECKING:  # heavy imports stay out of ``deepcount --help``
     import numpy as np
@@ -485,8 +485,7 @@ def add_command(subparsers) -> None:
                    help="pad: keep scale, pad to whole 384x512 tiles; grid: resize to a grid of "
                         "tiles (authors' code); default: the model's own")
     p.add_argument("--batch-size", type=positive_int, default=None,
-                   help="tiles per forward pass (default: 2 on a CPU, where more does not count "
-                        "faster and only takes memory; 8 on a GPU)")
+                   help=BATCH_SIZE_HELP)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
