@@ -23,7 +23,6 @@ from deepcount.predict import Counter, load_network  # noqa: E402
 from deepcount.training import (  # noqa: E402
     ConfigError,
     CropSampler,
-    DataConfig,
     ExportConfig,
     ModelConfig,
     TrainConfig,
