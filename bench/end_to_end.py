@@ -46,8 +46,9 @@ def peak_rss_mb():
     try:
         with open("/proc/self/status") as f:
             return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-                return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except (OSError, StopIteration):  # no /proc: an upper bound (see above)
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 """
 CHILD = PEAK_RSS + r"""
 import json, sys, time
