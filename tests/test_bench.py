@@ -140,3 +140,16 @@ def test_bf16_counts_smoke(tmp_path):
     assert r["total_rel_diff"] < 0.05 and isinstance(r["within_target_total"], bool)
     if not torch.cuda.is_available():
         assert r["device"] == "cpu" and d["cuda"] == NO_GPU
+
+
+def test_frozen_frontend_smoke(tmp_path):
+    d = bench("frozen_frontend", tmp_path)
+    train = d["training"]
+    for variant in ("whole", "frozen_conv4_3", "frozen_conv4_2", "frozen_pool3"):
+        assert positive(train[variant]["per_s"]) and math.isfinite(train[variant]["last_loss"])
+    # freezing less trains more parameters
+    params = [train[v]["trained_parameters"] for v in ("frozen_conv4_3", "frozen_conv4_2", "frozen_pool3", "whole")]
+    assert params == sorted(params) and len(set(params)) == 4
+    assert all(positive(d["caching"][f"{lv}_{p}"]["median_s"]) for lv in ("conv4_3", "pool3") for p in ("bf16", "fp32"))
+    inf = d["inference"]
+    assert positive(inf["pad"]["per_s"]) and positive(inf["features"]["per_s"]) and inf["features"]["tiles"] >= 1

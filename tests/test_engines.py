@@ -81,8 +81,9 @@ def test_every_cpu_engine_agrees_with_eager_on_real_tiles(net, photo):
     with torch.inference_mode():
         ref_c, ref_m = engine_runner(model, "eager")(x, branch)
         c, m = engine_runner(model, "channels_last")(x, branch)
-        torch.testing.assert_close(c, ref_c, rtol=1e-5, atol=1e-5 * float(ref_c.abs().max()))
-        torch.testing.assert_close(m, ref_m, rtol=1e-4, atol=1e-5 * float(ref_m.abs().max()))
+        # (a DeepCount's counts and cells are clamped at 0: an untrained one's may all be 0)
+        torch.testing.assert_close(c, ref_c, rtol=1e-5, atol=1e-5 * max(float(ref_c.abs().max()), 1e-2))
+        torch.testing.assert_close(m, ref_m, rtol=1e-4, atol=1e-5 * max(float(ref_m.abs().max()), 1e-2))
         # bf16 (opt-in): outputs stay float32; an untrained net's counts cancel to ~0, so its
         # accuracy is checked on the trained baseline below
         c, m = engine_runner(model, "bf16")(x, branch)

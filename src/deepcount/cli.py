@@ -35,6 +35,13 @@ BATCH_SIZE_HELP = ("tiles per forward pass (default: 2 on a CPU, where more does
                    "and only takes memory; 8 on a GPU)")
 
 
+# --tiling of count, evaluate, video and serve (deepcount.tiling.MODES, without importing torch)
+TILING_MODES = ("pad", "grid", "features")
+TILING_HELP = ("pad: keep scale, pad to whole 384x512 tiles; grid: resize to a grid of tiles (authors' "
+               "code); features: the frontend over the whole image, the rest on 48x64 tiles of its "
+               "features (how frozen-frontend models are trained); default: the model's own")
+
+
 # ----------------------------------------------------------------------------- count
 @dataclass
 class _Item:
@@ -337,9 +344,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="image files, folders (the images in them) or glob patterns (\"dir/*.jpg\")")
     p.add_argument("--model", default="default",
                    help="registered model name or a .safetensors path (default: %(default)s)")
-    p.add_argument("--tiling", default=None, choices=["pad", "grid"],
-                   help="pad: keep scale, pad to whole 384x512 tiles; grid: resize to a grid of "
-                        "tiles (authors' code); default: the model's own")
+    p.add_argument("--tiling", default=None, choices=list(TILING_MODES),
+                   help=TILING_HELP)
     p.add_argument("--batch-size", type=int, default=None,
                    help=BATCH_SIZE_HELP)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")

@@ -621,7 +621,10 @@ class CrowdCrops(torch.utils.data.Dataset):
     0-d tensor).  Augmentation: a random crop (an image smaller than 384x512 is padded right
     and bottom with the ImageNet mean, its targets there are zero), a left-right mirror with
     probability 1/2, and, only when ``grey_probability > 0`` (the authors' code: 0.1), a grey
-    crop.  ``crops_per_image`` repeats every image per pass (the authors' code: 30).
+    crop.  ``crops_per_image`` repeats every image per pass (the authors' code: 30).  With
+    probability ``overhang_probability`` the crop's top-left is drawn anywhere in the image, so
+    the crop may overhang the right / bottom edge into padding (zero targets), as edge tiles do
+    at inference: the network learns that padding holds nobody.
     Randomness comes from torch's generator, so ``torch.manual_seed`` and DataLoader worker
     seeding make runs repeatable; an index ``(i, seed)`` (what the training sampler yields)
     draws from a generator seeded with ``seed`` instead, so a sample depends on nothing else.
@@ -635,8 +638,9 @@ class CrowdCrops(torch.utils.data.Dataset):
     def __init__(self, dataset: CrowdDataset, ground_truth: GroundTruthConfig = PAPER,
                  crops_per_image: int = 1, mirror: bool = True, grey_probability: float = 0.0,
                  cache: GroundTruthCache | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 keep_images: bool = False, params_only: bool = False):
+                 keep_images: bool = False, params_only: bool = False, overhang_probability: float = 0.0):
         self.dataset = dataset
+        self.overhang_probability = float(overhang_probability)
         self.keep_images = keep_images
         self.params_only = params_only
         self._images: dict[int, np.ndarray] = {}
@@ -708,8 +712,9 @@ class CrowdCrops(torch.utils.data.Dataset):
             gen = torch.Generator().manual_seed(int(seed))
         index = int(i) // self.crops_per_image
         h, w = self.size(index)
-        top = int(torch.randint(0, max(h - TILE[0], 0) + 1, (), generator=gen))
-        left = int(torch.randint(0, max(w - TILE[1], 0) + 1, (), generator=gen))
+        overhang = self.overhang_probability > 0 and bool(torch.rand((), generator=gen) < self.overhang_probability)
+        top = int(torch.randint(0, (h - 1 if overhang else max(h - TILE[0], 0)) + 1, (), generator=gen))
+        left = int(torch.randint(0, (w - 1 if overhang else max(w - TILE[1], 0)) + 1, (), generator=gen))
         flip = self.mirror and bool(torch.rand((), generator=gen) < 0.5)
         grey = self.grey_probability > 0 and bool(torch.rand((), generator=gen) < self.grey_probability)
         return index, top, left, flip, grey

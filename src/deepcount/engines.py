@@ -195,24 +195,31 @@ def precision_context(precision: str, device_type: str) -> Iterator[None]:
 
 
 def forward(model: nn.Module, batch: Tensor, branch: int | None,
-            low_precision: bool = False) -> tuple[Tensor, Tensor | None]:
+            low_precision: bool = False, level: str | None = None) -> tuple[Tensor, Tensor | None]:
     """(counts (b,) float32, map of ``branch`` (b, h, w) float32 or None) for a DeepCount, a
     CSRNet (count = its map's sum; the map whenever a branch is asked for) or any module
     returning counts.  ``low_precision``: the body runs under an active autocast; the count head
-    and every sum run in float32 on float32 inputs."""
+    (and, for a DeepCount, always) every sum runs in float32 on float32 inputs.  ``level``: ``batch`` holds 48x64 crops of
+    a DeepCount frontend's features at that level (tiling mode ``features``).
+
+    A DeepCount's count head and branches end in linear layers, so a sparse tile could get a
+    negative count or negative cells: at inference both are clamped at 0 (nobody is there)."""
     if isinstance(model, CSRNet):
         density = model.density(batch).float()
         return density.sum((1, 2, 3)), density[:, 0] if branch is not None else None
     if isinstance(model, DeepCount):
+        at = {"level": level} if level is not None else {}
         if low_precision:
-            vector, skips = model.backbone.features(batch)
+            vector, skips = model.backbone.features(batch, level)
             m = model.branches[str(branch)](vector, skips).float()[:, 0] if branch is not None else None
             with torch.autocast(batch.device.type, enabled=False):
-                return model.backbone.head(vector.float()), m
-        if branch is None:
-            return model(batch), None
-        count, maps = model.forward_maps(batch, [branch])
-        return count, maps[branch][:, 0]
+                count = model.backbone.head(vector.float())
+        elif branch is None:
+            count, m = model(batch, **at), None
+        else:
+            count, maps = model.forward_maps(batch, [branch], **at)
+            m = maps[branch][:, 0]
+        return count.float().clamp_min(0), (m.float().clamp_min(0) if m is not None else None)
     if branch is None:
         return model(batch).float(), None
     count, maps = model.forward_maps(batch, [branch])
@@ -220,10 +227,12 @@ def forward(model: nn.Module, batch: Tensor, branch: int | None,
 
 
 def engine_runner(model: nn.Module, engine: str | Engine | None = "eager",
-                  device: str | torch.device | None = None) -> Runner:
+                  device: str | torch.device | None = None, level: str | None = None) -> Runner:
     """(batch, branch) -> (counts (b,), maps (b, h, w) or None) running ``model`` with
     ``engine`` (default: the plain eager path).  ``device``: where the model is (default:
-    where its parameters are).  The runner's ``engine`` attribute names what it runs and
+    where its parameters are).  ``level``: batches are 48x64 feature crops at that frontend
+    level (tiling mode ``features``); the runner's ``frontend`` runs the part of the frontend
+    below it over whole images (``frontend(image (H, W, 3) uint8) -> (C, H/8, W/8)``).  The runner's ``engine`` attribute names what it runs and
     ``counts_by_map`` says a CSRNet counts by its map (see :func:`deepcount.tiling.count_tiles`)."""
     if device is None:
         param = next(model.parameters(), None)
@@ -235,7 +244,7 @@ def engine_runner(model: nn.Module, engine: str | Engine | None = "eager",
         retain_cpu_memory(True)
 
     def step(batch: Tensor, branch: int | None) -> tuple[Tensor, Tensor | None]:
-        return forward(model, batch, branch, low)
+        return forward(model, batch, branch, low, level)
 
     compiled: dict[str, Callable] = {}
 
@@ -258,6 +267,16 @@ def engine_runner(model: nn.Module, engine: str | Engine | None = "eager",
 
     run.counts_by_map = isinstance(model, CSRNet)  # type: ignore[attr-defined]
     run.engine = eng  # type: ignore[attr-defined]
+    run.level = level  # type: ignore[attr-defined]
+    if level is not None:
+        if not isinstance(model, DeepCount):
+            raise ValueError(f"feature-level tiling needs a DeepCount, not a {type(model).__name__}")
+        from .features import frontend_features
+
+        def frontend(image):
+            return frontend_features(model, image, level, device=device,
+                                     precision="bf16" if low else "fp32")
+        run.frontend = frontend  # type: ignore[attr-defined]
     return run
 
 

@@ -58,7 +58,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cli import BATCH_SIZE_HELP, positive_int
+from .cli import BATCH_SIZE_HELP, TILING_HELP, TILING_MODES, positive_int
 from .engines import default_batch_size
 
 if TYPE_CHECKING:  # heavy imports stay out of ``deepcount --help``
@@ -362,7 +362,8 @@ class Evaluation:
 
 
 _TILING_TEXT = {"pad": "keep scale, pad to whole 384x512 tiles; branch sums leave out padding-only cells",
-                "grid": "resize to a grid of whole 384x512 tiles (authors' code)"}
+                "grid": "resize to a grid of whole 384x512 tiles (authors' code)",
+                "features": "frontend over the whole image, the rest on 48x64 tiles of its features"}
 
 
 def _version() -> str:
@@ -440,14 +441,18 @@ def evaluate(model: nn.Module | str | os.PathLike, dataset: Sequence[AnnotatedIm
              branches: Sequence[int] | None = None, batch_size: int | None = None,
              device: str | torch.device | None = "auto", limit: int | None = None,
              progress: bool = True, info: dict | None = None, dataset_name: str | None = None,
-             root: str | os.PathLike | None = None, max_pixels: int | None = None) -> Evaluation:
+             root: str | os.PathLike | None = None, max_pixels: int | None = None,
+             level: str | None = None) -> Evaluation:
     """Evaluate ``model`` on ``dataset`` (a :class:`~deepcount.datasets.CrowdDataset` or any
     sequence of :class:`~deepcount.datasets.AnnotatedImage`).
 
     Args:
         model: a DeepCount / CSRNet module, or a registered name / ``.safetensors`` path
             (loaded with :func:`deepcount.predict.load_network`, which gives ``info``).
-        tiling: ``pad`` | ``grid``; None: the model's own (``info["tiling"]``), else ``pad``.
+        tiling: ``pad`` | ``grid`` | ``features``; None: the model's own (``info["tiling"]``),
+            else ``pad``.
+        level: the frontend level of ``features`` tiling; None: the model's own
+            (``info["feature_level"]``, the level it was trained from), else ``conv4_3``.
         protocol: ``points`` (number of annotations) or ``blurred`` (the blurred map's sum).
         ground_truth: for ``blurred`` only: ``"paper"``, ``"official"`` or a config; None: the
             weights' training ground truth, else ``OFFICIAL`` (see the module docstring).
@@ -466,7 +471,8 @@ def evaluate(model: nn.Module | str | os.PathLike, dataset: Sequence[AnnotatedIm
     from .images import load_image
     from .model import MAP_SIZES, CSRNet, DeepCount, architecture
     from .predict import load_network, resolve_device
-    from .tiling import MODES, plan_tiles, tile_batches
+    from .features import frontend_features
+    from .tiling import MODES, feature_batches, plan_tiles, tile_batches
 
     if isinstance(model, (str, os.PathLike)):
         model, loaded = load_network(model)
@@ -481,6 +487,9 @@ def evaluate(model: nn.Module | str | os.PathLike, dataset: Sequence[AnnotatedIm
     tiling = tiling or info.get("tiling") or "pad"
     if tiling not in MODES:
         raise ValueError(f"tiling must be one of {MODES}, got {tiling!r}")
+    level = (level or info.get("feature_level") or "conv4_3") if tiling == "features" else None
+    if level is not None and not isinstance(model, DeepCount):
+        raise ValueError(f"tiling 'features' needs a DeepCount, not a {type(model).__name__}")
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     gt_config, gt_source = None, None
@@ -529,16 +538,19 @@ def evaluate(model: nn.Module | str | os.PathLike, dataset: Sequence[AnnotatedIm
                 h, w = image.shape[:2]
                 plan = plan_tiles(h, w, tiling)
                 sums = {key: 0.0 for key in outputs}
-                for batch, indices in tile_batches(image, plan, batch_size):
+                batches = (feature_batches(frontend_features(model, image, level, device=dev), plan, batch_size)
+                           if level is not None else tile_batches(image, plan, batch_size))
+                for batch, indices in batches:
                     batch = batch.to(dev)
-                    if is_deepcount:
+                    if is_deepcount:  # counts and cells clamped at 0, as Counter does
+                        at = {"level": level} if level is not None else {}
                         if wanted:  # one pass for the backbone and every branch
-                            counts, maps = model.forward_maps(batch, wanted)
+                            counts, maps = model.forward_maps(batch, wanted, **at)
                         else:
-                            counts, maps = model(batch), {}
-                        sums["count"] += float(counts.double().sum())
+                            counts, maps = model(batch, **at), {}
+                        sums["count"] += float(counts.double().clamp_min(0).sum())
                         for k, m in maps.items():
-                            m = m[:, 0].double().cpu()
+                            m = m[:, 0].double().clamp_min(0).cpu()
                             sums[f"branch{k}"] += float((m * _inside(plan, indices, *m.shape[-2:])).sum())
                     elif is_csrnet:
                         m = model.density(batch)[:, 0].double().cpu()
@@ -687,10 +699,8 @@ def add_command(subparsers) -> None:
     p.add_argument("--split", default="test", help="split (default: %(default)s)")
     p.add_argument("--root", default=None, metavar="DIR",
                    help="dataset folder (default: its release folder under $DEEPCOUNT_DATA)")
-    p.add_argument("--tiling", default=None, choices=["pad", "grid"],
-                   help="pad: keep scale, pad to whole 384x512 tiles (branch sums leave out "
-                        "padding-only cells); grid: resize to a grid of tiles (authors' code); "
-                        "default: the model's own")
+    p.add_argument("--tiling", default=None, choices=list(TILING_MODES),
+                   help=TILING_HELP)
     p.add_argument("--protocol", default="points", choices=list(PROTOCOLS),
                    help="ground truth: points = number of annotations (standard, default); blurred = "
                         "sum of the blurred density map (authors' code)")

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
-from .model import INPUT_SIZE, MAP_SIZES, CSRNet, DeepCount, architecture
+from .model import FEATURE_SIZE, INPUT_SIZE, MAP_SIZES, CSRNet, DeepCount, architecture, frontend_split
 from .predict import load_network, parse_density, resolve_device
 
 FORMATS = ("onnx", "torchscript")
@@ -51,6 +51,9 @@ FORMATS = ("onnx", "torchscript")
 # every onnxruntime since 1.14 (1.32 supports up to 23).
 OPSET = 18
 INPUT_NAME = "tiles"
+FEATURES_NAME = "features"  # the input of a `features`-tiled model: 48x64 tiles of features
+IMAGE_NAME = "image"  # the input of its frontend file
+FRONTEND_SUFFIX = ".frontend.onnx"  # <output stem> + this: the frozen frontend of such a model
 META_PREFIX = "deepcount."
 TORCHSCRIPT_META = "deepcount.json"
 PARITY_THRESHOLD = 1e-4
@@ -73,9 +76,12 @@ class CountGraph(nn.Module):
     when one is asked for; a CSRNet whole (count = its map's sum, the map always output).
     """
 
-    def __init__(self, net: nn.Module, branch: int | None = None):
+    def __init__(self, net: nn.Module, branch: int | None = None, level: str | None = None):
         super().__init__()
         self.is_csrnet = isinstance(net, CSRNet)
+        self.level = level  # tiling `features`: the input is 48x64 tiles of features at this level
+        if level is not None and not isinstance(net, DeepCount):
+            raise ExportError(f"tiling 'features' needs a DeepCount, not a {type(net).__name__}")
         if self.is_csrnet:
             if branch not in (None, 1):
                 raise ExportError(f"a CSRNet has one density map, stride 8 ({_size(1)}, branch 1); "
@@ -96,14 +102,44 @@ class CountGraph(nn.Module):
     def output_names(self) -> list[str]:
         return ["count"] if self.branch_index is None else ["count", "density"]
 
+    @property
+    def input_name(self) -> str:
+        return INPUT_NAME if self.level is None else FEATURES_NAME
+
+    def example(self) -> Tensor:
+        """An input for tracing (batch 2: the exporter must not specialise N to 1)."""
+        if self.level is None:
+            return torch.zeros(2, 3, *INPUT_SIZE)
+        channels = self.backbone.frontend[frontend_split(self.level) - 2].out_channels
+        return torch.zeros(2, channels, *FEATURE_SIZE)
+
     def forward(self, tiles: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         if self.is_csrnet:
             density = self.csrnet.density(tiles)
             return density.sum((1, 2, 3)), density
+        # counts and cells clamped at 0 as in PyTorch inference (the heads are linear)
+        vector, skips = self.backbone.features(tiles, self.level)
+        count = self.backbone.head(vector).clamp_min(0)
         if self.branch is None:
-            return self.backbone(tiles)
-        vector, skips = self.backbone.features(tiles)
-        return self.backbone.head(vector), self.branch(vector, skips)
+            return count
+        return count, self.branch(vector, skips).clamp_min(0)
+
+
+class FrontendGraph(nn.Module):
+    """The frozen part of a DeepCount's frontend, exported beside a ``features``-tiled model:
+    a normalised image (1, 3, H, W), H and W multiples of 8 -> its features at ``level``
+    (1, C, H/8, W/8).  :func:`deepcount.features.windowed_features` runs it window by window."""
+
+    def __init__(self, frontend: nn.Sequential, level: str):
+        super().__init__()
+        self.level = level
+        self.part = frontend[:frontend_split(level)]
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.part(image)
+
+    def example(self) -> Tensor:
+        return torch.zeros(1, 3, 96, 128)
 
 
 def _size(branch: int | None) -> str:
@@ -118,7 +154,8 @@ def prepare(model: str | os.PathLike = "default", density: int | str | None = No
     """The module to export for ``model`` (registry name or ``.safetensors`` path) and the
     metadata that goes into the file."""
     net, info = load_network(model)
-    graph = CountGraph(net, parse_density(density)).eval()
+    level = (info.get("feature_level") or "conv4_3") if info.get("tiling") == "features" else None
+    graph = CountGraph(net, parse_density(density), level).eval()
     return graph, metadata(graph, info)
 
 
@@ -144,9 +181,15 @@ def metadata(graph: CountGraph, info: dict) -> dict[str, str]:
         "density_branch": "" if branch is None else str(branch),
         "counts_by_map": json.dumps(graph.is_csrnet),
         "tiling": str(info.get("tiling", "pad")),
-        "input": json.dumps({"name": INPUT_NAME, "shape": ["N", 3, *INPUT_SIZE], "dtype": "float32",
-                             "normalisation": "RGB / 255, ImageNet mean and std",
-                             "padding": "0 (the mean) right and bottom"}),
+        "feature_level": graph.level or "",
+        "input": json.dumps(
+            {"name": INPUT_NAME, "shape": ["N", 3, *INPUT_SIZE], "dtype": "float32",
+             "normalisation": "RGB / 255, ImageNet mean and std", "padding": "0 (the mean) right and bottom"}
+            if graph.level is None else
+            {"name": FEATURES_NAME, "shape": ["N", int(graph.example().shape[1]), *FEATURE_SIZE],
+             "dtype": "float32", "features": f"the frontend's at {graph.level} (the {FRONTEND_SUFFIX} file: "
+             f"{IMAGE_NAME} (1,3,H,W) normalised, H and W multiples of 8 -> (1,C,H/8,W/8))",
+             "padding": "0 right and bottom"}),
         "info": json.dumps(described, sort_keys=True, default=str),
     }
     return {META_PREFIX + k: v for k, v in meta.items()}
@@ -176,40 +219,59 @@ def graph_digest(model: Any) -> str:
     return hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
 
 
-def _example() -> Tensor:
-    return torch.zeros(2, 3, *INPUT_SIZE)  # batch 2: the exporter must not specialise N to 1
-
-
-def onnx_model(graph: CountGraph, opset: int = OPSET) -> tuple[Any, str]:
+def onnx_model(graph: CountGraph | FrontendGraph, opset: int = OPSET) -> tuple[Any, str]:
     """The ONNX ModelProto of ``graph`` and a line naming the exporter used: torch's dynamo
-    exporter (dynamic batch via ``dynamic_shapes``); if that fails, the TorchScript-based one
-    (``dynamo=False``, ``dynamic_axes``), and the line says why."""
+    exporter (dynamic batch, or for a frontend dynamic height and width, via
+    ``dynamic_shapes``); if that fails, the TorchScript-based one (``dynamo=False``,
+    ``dynamic_axes``), and the line says why."""
     import onnx
 
-    names = graph.output_names
+    if isinstance(graph, FrontendGraph):
+        names, inp = ["features"], IMAGE_NAME
+        dims = {2: torch.export.Dim("height", min=16), 3: torch.export.Dim("width", min=16)}
+        axes = {IMAGE_NAME: {2: "height", 3: "width"}, "features": {2: "h8", 3: "w8"}}
+    else:
+        names, inp = graph.output_names, graph.input_name
+        dims = {0: torch.export.Dim("batch", min=1)}
+        axes = {n: {0: "batch"} for n in [inp, *names]}
+    example = graph.example()
     with _quiet(), torch.no_grad():
         try:
             program = torch.onnx.export(
-                graph, (_example(),), dynamo=True, verbose=False, opset_version=opset,
-                input_names=[INPUT_NAME], output_names=names,
-                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+                graph, (example,), dynamo=True, verbose=False, opset_version=opset,
+                input_names=[inp], output_names=names, dynamic_shapes=(dims,))
             return program.model_proto, f"torch.onnx dynamo exporter (torch {torch.__version__}), opset {opset}"
         except Exception as e:  # noqa: BLE001 - any exporter failure: fall back, and say so
             reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "graph.onnx"
-            torch.onnx.export(graph, (_example(),), str(path), dynamo=False, opset_version=opset,
-                              input_names=[INPUT_NAME], output_names=names,
-                              dynamic_axes={n: {0: "batch"} for n in [INPUT_NAME, *names]})
+            torch.onnx.export(graph, (example,), str(path), dynamo=False, opset_version=opset,
+                              input_names=[inp], output_names=names, dynamic_axes=axes)
             model = onnx.load(str(path))
     return model, (f"torch.onnx TorchScript-based exporter (dynamo=False, torch {torch.__version__}), "
                    f"opset {opset}; the dynamo exporter failed: {reason}")
 
 
+def frontend_path(path: str | os.PathLike) -> Path:
+    """Where the frontend of a ``features``-tiled export lives: beside it, ``<stem>.frontend.onnx``."""
+    path = Path(path)
+    return path.with_name(path.stem + FRONTEND_SUFFIX)
+
+
 def write_onnx(graph: CountGraph, meta: dict[str, str], path: str | os.PathLike,
-               opset: int = OPSET) -> str:
+               opset: int = OPSET, frontend: FrontendGraph | None = None) -> str:
     """Export ``graph`` to ``path`` (one self-contained file) with ``meta`` and the graph
-    digest in its metadata_props; returns the exporter line."""
+    digest in its metadata_props; returns the exporter line.  A ``features``-tiled model also
+    needs its ``frontend``: written first to :func:`frontend_path`, its graph digest recorded
+    in the main file (so the pair is checked together)."""
+    if frontend is not None:
+        front, _ = onnx_model(frontend, opset)
+        front.producer_name, front.producer_version = "deepcount", __version__
+        entry = front.metadata_props.add()
+        entry.key, entry.value = META_PREFIX + "frontend_of", str(meta.get(META_PREFIX + "model_name", ""))
+        _atomic_write(frontend_path(path), front.SerializeToString(deterministic=True))
+        meta = {**meta, META_PREFIX + "frontend_file": frontend_path(path).name,
+                META_PREFIX + "frontend_graph_sha256": graph_digest(front)}
     model, exporter = onnx_model(graph, opset)
     model.producer_name, model.producer_version = "deepcount", __version__
     model.doc_string = meta.get(META_PREFIX + "description", "")
@@ -227,8 +289,11 @@ def write_onnx(graph: CountGraph, meta: dict[str, str], path: str | os.PathLike,
 def write_torchscript(graph: CountGraph, meta: dict[str, str], path: str | os.PathLike) -> str:
     """``torch.jit.trace`` of ``graph`` saved with ``meta`` as ``_extra_files``
     (``deepcount.json``); returns the exporter line.  The traced graph runs any batch size."""
+    if graph.level is not None:
+        raise ExportError("a model counted with tiling 'features' exports to ONNX only (two files: "
+                          "the frozen frontend and the rest); use --format onnx")
     with _quiet(), torch.no_grad():
-        traced = torch.jit.trace(graph, (_example(),), check_trace=False)
+        traced = torch.jit.trace(graph, (graph.example(),), check_trace=False)
     exporter = f"torch.jit.trace (torch {torch.__version__})"
     extra = {TORCHSCRIPT_META: json.dumps({**meta, META_PREFIX + "exporter": exporter}, indent=1)}
     path = Path(path)
@@ -349,10 +414,32 @@ def onnx_session(path: str | os.PathLike, device: str | torch.device = "auto"
         raise ExportError(f"{path}: onnxruntime cannot run this model ({_first_line(e)})") from e
     inputs = [i.name for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
-    if inputs != [INPUT_NAME] or outputs != list(meta["outputs"]):
+    expected = FEATURES_NAME if meta.get("feature_level") else INPUT_NAME
+    if inputs != [expected] or outputs != list(meta["outputs"]):
         raise ExportError(f"{path}: inputs {inputs} / outputs {outputs} are not the ones its "
-                          f"metadata describes ({INPUT_NAME!r} / {list(meta['outputs'])})")
+                          f"metadata describes ({expected!r} / {list(meta['outputs'])})")
+    if meta.get("feature_level"):
+        meta["frontend_session"] = frontend_session(path, meta, device)
     return session, meta
+
+
+def frontend_session(path: Path, meta: dict[str, Any], device: str | torch.device = "auto") -> Any:
+    """The onnxruntime session of a ``features``-tiled export's frontend file, after checking
+    its graph is the one exported with ``path``."""
+    import onnxruntime as ort
+
+    front = path.with_name(str(meta.get("frontend_file") or frontend_path(path).name))
+    if not front.is_file():
+        raise ExportError(f"{path}: its frontend file {front.name} is missing (export writes both; "
+                          "keep them side by side)")
+    data = front.read_bytes()
+    if graph_digest(_load_onnx(front, data)) != meta.get("frontend_graph_sha256"):
+        raise ExportError(f"{front}: not the frontend exported with {path.name} (graph sha256 differs); "
+                          "export again with `deepcount export`")
+    try:
+        return ort.InferenceSession(data, providers=onnx_providers(device))
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"{front}: onnxruntime cannot run this model ({_first_line(e)})") from e
 
 
 class OnnxRunner:
@@ -365,6 +452,19 @@ class OnnxRunner:
         self.meta = meta
         self.branch: int | None = meta["density_branch"]
         self.counts_by_map = bool(meta.get("counts_by_map", False))
+        self.level: str | None = meta.get("feature_level") or None
+        self.input_name = FEATURES_NAME if self.level else INPUT_NAME
+
+    def frontend(self, image: np.ndarray) -> Tensor:
+        """Features (C, H/8, W/8) of an (H, W, 3) uint8 image by the exported frontend, window
+        by window (tiling ``features``)."""
+        from .features import receptive_radius, windowed_features
+
+        session = self.meta["frontend_session"]
+
+        def run(x: Tensor) -> Tensor:
+            return torch.from_numpy(session.run(["features"], {IMAGE_NAME: x.numpy()})[0])
+        return windowed_features(run, image, receptive_radius(None, str(self.level)))
 
     def __call__(self, batch: Tensor, branch: int | None) -> tuple[Tensor, Tensor | None]:
         if branch is not None and branch != self.branch:
@@ -373,7 +473,7 @@ class OnnxRunner:
                                 if self.branch else "it was exported without --density"))
         names = ["count"] if branch is None else ["count", "density"]
         x = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
-        out = self.session.run(names, {INPUT_NAME: x})
+        out = self.session.run(names, {self.input_name: x})
         counts = torch.from_numpy(out[0])
         return counts, (torch.from_numpy(out[1])[:, 0] if branch is not None else None)
 
@@ -391,6 +491,7 @@ def load_onnx_runner(path: str | os.PathLike, device: str | torch.device = "auto
         "architecture": meta["architecture"],
         "sha256": meta.get("source_sha256", ""),
         "tiling": meta.get("tiling", "pad"),
+        "feature_level": meta.get("feature_level") or None,
         "file": str(path),
         "backend": "onnxruntime",
         "providers": session.get_providers(),
@@ -421,7 +522,7 @@ def cached_onnx(name_or_path: str | os.PathLike = "default") -> Path:
         graph, meta = prepare(name_or_path)
         if meta[META_PREFIX + "source_sha256"] != sha:
             raise ExportError(f"{name_or_path}: weights changed while exporting")
-        write_onnx(graph, meta, target)
+        write_onnx(graph, meta, target, frontend=frontend_graph(graph))
     return target
 
 
@@ -431,7 +532,8 @@ def exported_fn(path: str | os.PathLike, fmt: str, device: str = "cpu") -> Expor
     if fmt == "onnx":
         session, meta = onnx_session(path, device)
         names = list(meta["outputs"])
-        return lambda x: [torch.from_numpy(a) for a in session.run(names, {INPUT_NAME: x.numpy()})]
+        inp = FEATURES_NAME if meta.get("feature_level") else INPUT_NAME
+        return lambda x: [torch.from_numpy(a) for a in session.run(names, {inp: x.numpy()})]
     dev = resolve_device(device)
     with _quiet():
         module = torch.jit.load(str(path), map_location=dev).eval()
@@ -461,11 +563,14 @@ class ParityReport:
     rows: list[ParityRow]
     threshold: float = PARITY_THRESHOLD
     sources: list[str] = field(default_factory=list)
+    frontend_error: float | None = None  # a features-tiled export's frontend file: max |A - B| / max |B|
 
     @property
     def max_error(self) -> float:
         errs = [r.count_error for r in self.rows] + [r.density_error for r in self.rows
                                                       if r.density_error is not None]
+        if self.frontend_error is not None:
+            errs.append(self.frontend_error)
         return max(errs) if errs else math.inf
 
     @property
@@ -500,15 +605,23 @@ def check_images(paths: Sequence[str | os.PathLike] | None = None
 
 
 def real_tiles(images: Sequence[tuple[str, np.ndarray]], tiling: str = "pad",
-               limit: int = CHECK_TILES) -> Tensor:
+               limit: int = CHECK_TILES, graph: CountGraph | None = None) -> Tensor:
     """Up to ``limit`` normalised tiles, taken in turn from each image (its first tile, then
-    its second, ...), as ``count_tiles`` makes them."""
-    from .tiling import plan_tiles, tile_batches
+    its second, ...), as ``count_tiles`` makes them (tiling ``features``: tiles of the
+    features of ``graph``'s PyTorch frontend)."""
+    from .features import frontend_features
+    from .tiling import feature_batches, plan_tiles, tile_batches
 
     per_image = []
     for _, image in images:
         plan = plan_tiles(image.shape[0], image.shape[1], tiling)
-        per_image.append(torch.cat([b for b, _ in tile_batches(image, plan, batch_size=limit)])[:limit])
+        if tiling == "features":
+            assert graph is not None and graph.level is not None, "tiling features needs the graph"
+            feats = frontend_features(graph.backbone.frontend, image, graph.level)
+            batches = feature_batches(feats, plan, batch_size=limit)
+        else:
+            batches = tile_batches(image, plan, batch_size=limit)
+        per_image.append(torch.cat([b for b, _ in batches])[:limit])
     picked: list[Tensor] = []
     for i in range(limit):
         picked += [t[i] for t in per_image if i < len(t)]
@@ -539,6 +652,21 @@ def check_parity(exported: ExportedFn, graph: nn.Module, tiles: Tensor,
             density_err = float((diff / scale).max())
         rows.append(ParityRow(bs, len(tiles), count_err, density_err))
     return ParityReport(rows, threshold)
+
+
+def check_frontend(path: Path, graph: CountGraph, images: Sequence[tuple[str, np.ndarray]],
+                   device: str = "cpu") -> float:
+    """A ``features``-tiled export's frontend file against PyTorch's frontend over whole real
+    images (window by window, as counting runs it): the largest error relative to the peak."""
+    from .features import frontend_features
+
+    runner, _ = load_onnx_runner(path, device)
+    worst = 0.0
+    for _, image in images:
+        ref = frontend_features(graph.backbone.frontend.cpu(), image, str(graph.level))
+        got = runner.frontend(image)
+        worst = max(worst, float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12)))
+    return worst
 
 
 # ----------------------------------------------------------------------------- command
@@ -572,13 +700,20 @@ def export(model: str | os.PathLike = "default", fmt: str = "onnx",
     graph, meta = prepare(model, density)
     start = time.perf_counter()
     if fmt == "onnx":
-        exporter = write_onnx(graph, meta, output, opset)
+        exporter = write_onnx(graph, meta, output, opset, frontend_graph(graph))
     else:
         exporter = write_torchscript(graph, meta, output)
     seconds = time.perf_counter() - start
     result = ExportResult(output, fmt, exporter, seconds, output.stat().st_size,
                           sha256_file(output), meta, graph.output_names)
     return result, graph
+
+
+def frontend_graph(graph: CountGraph) -> FrontendGraph | None:
+    """The frontend file's module of a ``features``-tiled graph (None otherwise)."""
+    if graph.level is None:
+        return None
+    return FrontendGraph(graph.backbone.frontend, graph.level).eval()
 
 
 def _describe_outputs(graph: CountGraph) -> str:
@@ -604,7 +739,13 @@ def _run(args: argparse.Namespace) -> int:
     print(f"model: {meta[META_PREFIX + 'model_name']}: {meta[META_PREFIX + 'description'] or '(no description)'}")
     print(f"exported: {result.path} ({result.format})")
     print(f"  exporter: {result.exporter}")
-    print(f"  input: {INPUT_NAME} (N,3,{INPUT_SIZE[0]},{INPUT_SIZE[1]}) float32, dynamic batch N")
+    if graph.level is None:
+        print(f"  input: {INPUT_NAME} (N,3,{INPUT_SIZE[0]},{INPUT_SIZE[1]}) float32, dynamic batch N")
+    else:
+        c = int(graph.example().shape[1])
+        print(f"  input: {FEATURES_NAME} (N,{c},{FEATURE_SIZE[0]},{FEATURE_SIZE[1]}) float32, dynamic batch N: "
+              f"48x64 tiles of the features at {graph.level} that {frontend_path(result.path).name} "
+              f"makes from an {IMAGE_NAME} (1,3,H,W)")
     print(f"  outputs: {_describe_outputs(graph)}")
     print(f"  size: {result.size:,} bytes ({result.size / 2**20:.1f} MiB)")
     print(f"  sha256: {result.sha256}")
@@ -613,13 +754,19 @@ def _run(args: argparse.Namespace) -> int:
         print("  note: TorchScript is deprecated in recent torch; ONNX is what Counter "
               "(backend onnxruntime) loads")
     try:
-        tiles = real_tiles(images, meta[META_PREFIX + "tiling"])
+        tiles = real_tiles(images, meta[META_PREFIX + "tiling"], graph=graph)
         report = check_parity(exported_fn(result.path, result.format, args.device), graph, tiles,
                               device=args.device)
+        if graph.level is not None:
+            report.frontend_error = check_frontend(result.path, graph, images, args.device)
     except (ExportError, ValueError) as e:
         print(f"parity check: FAIL ({e})")
         return 1
-    print(f"parity vs PyTorch on {len(tiles)} real 384x512 tiles of: " + "; ".join(n for n, _ in images))
+    what = "384x512 tiles" if graph.level is None else f"48x64 feature tiles ({graph.level})"
+    print(f"parity vs PyTorch on {len(tiles)} real {what} of: " + "; ".join(n for n, _ in images))
+    if report.frontend_error is not None:
+        print(f"  frontend ({frontend_path(result.path).name}) over the whole images: "
+              f"max rel err {report.frontend_error:.2e}")
     for row in report.rows:
         line = f"  batch {row.batch_size}: count max rel err {row.count_error:.2e}"
         if row.density_error is not None:

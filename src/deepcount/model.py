@@ -28,6 +28,11 @@ BRANCH_CHANNELS = 256  # every transposed convolution of a branch outputs 256 ch
 MAP_SIZES: dict[int, tuple[int, int]] = {1: (48, 64), 2: (24, 32), 3: (12, 16), 4: (6, 8), 5: (3, 4)}
 MAP_STRIDES: dict[int, int] = {k: INPUT_SIZE[0] // h for k, (h, _) in MAP_SIZES.items()}  # 8..128
 ALL_BRANCHES: tuple[int, ...] = tuple(MAP_SIZES)
+FEATURE_STRIDE = 8  # the frontend's output stride (three 2x2 max-pools)
+FEATURE_SIZE = (INPUT_SIZE[0] // FEATURE_STRIDE, INPUT_SIZE[1] // FEATURE_STRIDE)  # 48x64 per crop
+# Where the frontend can be cut at stride 8 (frozen below, cached features there): the number
+# of ``frontend`` modules (torchvision indices) up to and including each level's ReLU / pool.
+FRONTEND_LEVELS: dict[str, int] = {"pool3": 17, "conv4_1": 19, "conv4_2": 21, "conv4_3": 23}
 # CSRNet (Li et al. 2018) configuration B: dilated backend, then a 1x1 output layer.
 CSRNET_BACKEND: tuple[int, ...] = (512, 512, 512, 256, 128, 64)
 
@@ -105,14 +110,24 @@ class Backbone(nn.Module):
         self.fc = nn.Linear(self.vector_channels, 1)
         xavier_init([*self.body.modules(), *self.regressor.modules(), self.fc])
 
-    def features(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def features(self, x: Tensor, level: str | None = None) -> tuple[Tensor, list[Tensor]]:
         """The 1x1x1024 vector and the stride-1 features the branches concatenate, from the
-        48x64 map (module 2) down to the 3x4 map (module 10)."""
-        if tuple(x.shape[-2:]) != INPUT_SIZE:
-            raise ValueError(
-                f"DeepCount takes {INPUT_SIZE[0]}x{INPUT_SIZE[1]} crops, got {tuple(x.shape[-2:])}; "
-                "use deepcount.tiling to divide larger images into crops")
-        x = self.frontend(x)
+        48x64 map (module 2) down to the 3x4 map (module 10).
+
+        ``x`` is a batch of 384x512 crops, or with ``level`` (a key of
+        :data:`FRONTEND_LEVELS`) a batch of 48x64 crops of the frontend's features at that
+        level (:meth:`frontend_until` of an image), so only the frontend after it runs."""
+        if level is None:
+            if tuple(x.shape[-2:]) != INPUT_SIZE:
+                raise ValueError(
+                    f"DeepCount takes {INPUT_SIZE[0]}x{INPUT_SIZE[1]} crops, got {tuple(x.shape[-2:])}; "
+                    "use deepcount.tiling to divide larger images into crops")
+            x = self.frontend(x)
+        else:
+            if tuple(x.shape[-2:]) != FEATURE_SIZE:
+                raise ValueError(f"features at {level} must be {FEATURE_SIZE[0]}x{FEATURE_SIZE[1]} crops, "
+                                 f"got {tuple(x.shape[-2:])}")
+            x = self.frontend[frontend_split(level):](x)
         skips = []
         for (_, stride), layer in zip(BACKBONE, self.body):
             x = layer(x)
@@ -120,12 +135,23 @@ class Backbone(nn.Module):
                 skips.append(x)
         return self.regressor(x), skips
 
+    def frontend_until(self, x: Tensor, level: str) -> Tensor:
+        """The frontend's features at ``level`` (stride 8) of images of any size."""
+        return self.frontend[:frontend_split(level)](x)
+
     def head(self, vector: Tensor) -> Tensor:
         """Module 12: the FC layer regressing the count, shape (B,)."""
         return self.fc(vector.flatten(1)).squeeze(1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x)[0])
+    def forward(self, x: Tensor, level: str | None = None) -> Tensor:
+        return self.head(self.features(x, level)[0])
+
+
+def frontend_split(level: str) -> int:
+    """How many ``frontend`` modules lie at or below ``level``."""
+    if level not in FRONTEND_LEVELS:
+        raise ValueError(f"frontend level must be one of {list(FRONTEND_LEVELS)}, got {level!r}")
+    return FRONTEND_LEVELS[level]
 
 
 class Branch(nn.Module):
@@ -187,19 +213,20 @@ class DeepCount(nn.Module):
     def attached(self) -> tuple[int, ...]:
         return tuple(int(k) for k in self.branches)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """The backbone alone: counts, shape (B,). No branch is computed."""
-        return self.backbone(x)
+    def forward(self, x: Tensor, level: str | None = None) -> Tensor:
+        """The backbone alone: counts, shape (B,). No branch is computed.  ``level``: ``x``
+        holds 48x64 feature crops from that frontend level (see ``Backbone.features``)."""
+        return self.backbone(x, level)
 
-    def forward_maps(self, x: Tensor, branches: Sequence[int] | None = None
+    def forward_maps(self, x: Tensor, branches: Sequence[int] | None = None, level: str | None = None
                      ) -> tuple[Tensor, dict[int, Tensor]]:
         """The count and the density maps of ``branches`` (all attached ones when None);
-        only the branches asked for run."""
+        only the branches asked for run.  ``level`` as in :meth:`forward`."""
         wanted = self.attached if branches is None else tuple(int(b) for b in branches)
         missing = [b for b in wanted if str(b) not in self.branches]
         if missing:
             raise ValueError(f"branch(es) {missing} not attached; attached: {self.attached}")
-        vector, skips = self.backbone.features(x)
+        vector, skips = self.backbone.features(x, level)
         maps = {b: self.branches[str(b)](vector, skips) for b in wanted}
         return self.backbone.head(vector), maps
 

