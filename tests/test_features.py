@@ -333,3 +333,10 @@ def test_a_features_model_exports_to_onnx_with_its_frontend(net, tmp_path, sha_t
     frontend_path(out).unlink()
     with pytest.raises(ExportError, match="missing"):
         Counter.load(out)
+
+
+def test_images_thinner_than_a_cell_are_one_padded_cell(net):
+    for shape, tiles in (((1, 5000, 3), 10), ((5, 5, 3), 1), ((7, 600, 3), 2)):
+        image = np.full(shape, 128, np.uint8)
+        total, dmap, per_tile = count_tiles(net, image, "features", 2, branch=1, level="conv4_2")
+        assert len(per_tile) == tiles and total >= 0 and dmap.to_pixels().shape == shape[:2]

@@ -587,6 +587,25 @@ def load_dataset(name: str, root: str | Path | None, split: str) -> CrowdDataset
     return DATASETS[name](dataset_root(name, root), split=split)
 
 
+def unreadable_images(dataset: Sequence[AnnotatedImage], max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                      progress: bool = True) -> list[tuple[Path, str]]:
+    """Every image of ``dataset`` that cannot be used, each with the reason: its header and
+    its pixels are read once (a training run checks this before it starts, so one bad file
+    never stops it mid-run)."""
+    from tqdm import tqdm
+
+    from .images import ImageLoadError
+
+    bad = []
+    for item in tqdm(dataset, desc="checking images", unit="image", disable=not progress or len(dataset) < 50):
+        try:
+            image_size(item.image)
+            load_image(item.image, max_pixels=max_pixels)
+        except (ImageLoadError, OSError, ValueError) as e:
+            bad.append((Path(item.image), getattr(e, "reason", None) or str(e)))
+    return bad
+
+
 def train_val_split(dataset: CrowdDataset, val_fraction: float = 0.1,
                     seed: int = 0) -> tuple[CrowdDataset, CrowdDataset]:
     """Carve a validation set out of a training split with a fixed-seed permutation.

@@ -66,7 +66,8 @@ def _frontend(net: nn.Module) -> nn.Sequential:
 
 
 def usable_size(height: int, width: int) -> tuple[int, int]:
-    """The part of an image the stride-8 features cover: whole 8x8 cells."""
+    """The part of an image the stride-8 features cover: whole 8x8 cells (an image thinner
+    than a cell gets one cell, padded, along that side: see :func:`windowed_features`)."""
     return height // FEATURE_STRIDE * FEATURE_STRIDE, width // FEATURE_STRIDE * FEATURE_STRIDE
 
 
@@ -103,9 +104,12 @@ def windowed_features(run: Callable[[Tensor], Tensor], image: np.ndarray, radius
     if window < FEATURE_STRIDE or window % FEATURE_STRIDE:
         raise ValueError(f"window must be a positive multiple of {FEATURE_STRIDE}, got {window}")
     h8, w8 = usable_size(*image.shape[:2])
-    if h8 == 0 or w8 == 0:
-        raise ValueError(f"an image of {image.shape[0]}x{image.shape[1]} pixels is smaller than one "
-                         f"{FEATURE_STRIDE}x{FEATURE_STRIDE} feature cell")
+    if h8 == 0 or w8 == 0:  # thinner than a cell: one cell of it, padded with the mean (0)
+        x = to_tensor(image)
+        padded = torch.zeros(1, 3, max(x.shape[1], FEATURE_STRIDE), max(x.shape[2], FEATURE_STRIDE))
+        padded[0, :, :x.shape[1], :x.shape[2]] = x
+        f = run(padded)[0]
+        return f[:, :max(h8 // FEATURE_STRIDE, 1), :max(w8 // FEATURE_STRIDE, 1)]
     halo = -(-radius // FEATURE_STRIDE) * FEATURE_STRIDE
     s = FEATURE_STRIDE
     out: Tensor | None = None

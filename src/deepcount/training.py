@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
-from .datasets import CrowdCrops, CrowdDataset, crop_batch, load_dataset, train_val_split
+from .datasets import CrowdCrops, CrowdDataset, crop_batch, load_dataset, train_val_split, unreadable_images
 from .engines import default_batch_size, retain_cpu_memory
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .loss import BETA, OMEGA, csrnet_loss, official_loss, paper_loss
@@ -105,6 +105,9 @@ class DataConfig:
     crop_on_device: bool | str = "auto"
     cache_targets: bool = True  # ground truth read from / written to the disk cache
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # every image is read once before training: unreadable ones stop the run before it starts
+    # (named), or with skip_unreadable are left out (named, as a warning)
+    skip_unreadable: bool = False
     val_tiling: str = "pad"  # pad | grid | features (frozen frontend: from the feature cache)
     # crops drawn anywhere in the image with this probability, so they may overhang its right /
     # bottom edge into padding (zero targets): the network learns that padding holds nobody
@@ -199,6 +202,10 @@ class TrainConfig:
 
 class ConfigError(ValueError):
     """A config that cannot run, with what to change."""
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be written or read, named, with what to do."""
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -389,6 +396,17 @@ class CrowdDataModule(L.LightningDataModule if L is not None else object):  # ty
         full = load_dataset(d.dataset, d.root, d.split)
         if d.limit is not None:
             full = full[: d.limit]
+        bad = unreadable_images(full, d.max_pixels)
+        if bad:
+            listed = "; ".join(f"{path}: {reason}" for path, reason in bad[:10]) + (" ..." if len(bad) > 10 else "")
+            if not d.skip_unreadable:
+                raise ConfigError(f"{len(bad)} of {len(full)} {d.dataset} {d.split} images cannot be read "
+                                  f"({listed}); fix or remove them, or set data.skip_unreadable true "
+                                  "(nothing was trained)")
+            import warnings
+            warnings.warn(f"leaving out {len(bad)} unreadable image(s): {listed}", stacklevel=2)
+            names = {path for path, _ in bad}
+            full = CrowdDataset(full.name, full.split, [it for it in full if Path(it.image) not in names])
         if d.val_fraction > 0:
             self.train_set, self.val_set = train_val_split(full, d.val_fraction, seed=self.seed)
         else:
@@ -758,8 +776,13 @@ def _atomic_checkpoint_io() -> Any:
         def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
             path = Path(path)
             tmp = path.with_name(path.name + ".part")
-            super().save_checkpoint(checkpoint, tmp, storage_options)
-            os.replace(tmp, path)
+            try:
+                super().save_checkpoint(checkpoint, tmp, storage_options)
+                os.replace(tmp, path)
+            except (OSError, RuntimeError) as e:  # a full disk: no half-written file is left
+                tmp.unlink(missing_ok=True)
+                raise CheckpointError(f"could not write checkpoint {path} ({e}); the previous one is intact. "
+                                      "Free some space, then resume with --resume last") from e
 
     return AtomicCheckpointIO()
 
@@ -771,7 +794,9 @@ def make_trainer(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Any:
     ckpt_dir = run / "checkpoints"
     periodic = ModelCheckpoint(dirpath=ckpt_dir, filename="step={step}", auto_insert_metric_name=False,
                                every_n_train_steps=t.checkpoint_every_n_steps, save_top_k=-1 if t.keep_periodic else 0,
-                               save_last=True, save_on_train_epoch_end=True)
+                               save_last=True, save_on_train_epoch_end=True,
+                               # last.ckpt is always the newest state (no last-v1.ckpt after a move)
+                               enable_version_counter=False)
     best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/mae", mode="min",
                            save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
     # CSV: one version folder per invocation (a resumed run appends version_1, ...: Lightning's
@@ -787,9 +812,28 @@ def make_trainer(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Any:
         enable_model_summary=t.progress_bar)
 
 
+# What a resumed run must share with the run it continues: changing any of these silently
+# would make the "resumed" run another experiment (the rest, e.g. max_steps, may change).
+RESUME_FIXED = ("seed", "model", "data.dataset", "data.split", "data.val_fraction", "data.limit",
+                "data.batch_size", "data.crops_per_image", "data.mirror", "data.grey_probability",
+                "data.sigma", "data.kernel_size", "data.keep_mass", "data.overhang_probability",
+                "data.feature_precision", "recipe")
+
+
+def _field(tree: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part, {}) if isinstance(tree, dict) else {}
+    return tree
+
+
 def resolve_resume(cfg: TrainConfig) -> str | None:
-    """The checkpoint to resume from; refuses to start over a run that has checkpoints."""
-    last = cfg.run_dir / "checkpoints" / "last.ckpt"
+    """The checkpoint to resume from; refuses to start over a run that has checkpoints, to
+    resume from a file that is not a readable checkpoint, and to resume with settings that
+    differ from the run's own (``config.yaml``) where that would change the experiment."""
+    run_ckpts = cfg.run_dir / "checkpoints"
+    for part in run_ckpts.glob("*.part") if run_ckpts.is_dir() else []:
+        part.unlink(missing_ok=True)  # a write that never finished (a full disk, a kill)
+    last = run_ckpts / "last.ckpt"
     if cfg.resume is None:
         if last.exists():
             raise ConfigError(f"{cfg.run_dir} already holds a run ({last}); resume it with --resume last, "
@@ -798,6 +842,28 @@ def resolve_resume(cfg: TrainConfig) -> str | None:
     path = last if cfg.resume == "last" else Path(cfg.resume)
     if not path.is_file():
         raise ConfigError(f"no checkpoint to resume from at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - truncated zip, a pickle with code, not a checkpoint
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
+        raise CheckpointError(f"{path}: not a deepcount training checkpoint (no state_dict / global_step)")
+    saved = cfg.run_dir / "config.yaml"
+    if saved.is_file():
+        import yaml
+
+        try:
+            before = yaml.safe_load(saved.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{saved}: not valid YAML ({e})") from e
+        now = asdict(cfg)
+        changed = [f"{k}: {_field(before, k)!r} -> {_field(now, k)!r}" for k in RESUME_FIXED
+                   if _field(before, k) != _field(now, k)]
+        if changed:
+            raise ConfigError(f"resuming {cfg.run_dir} with settings that differ from its config.yaml would "
+                              f"make it another experiment: {'; '.join(changed)}. Resume with the run's own "
+                              "config (--config " + str(saved) + "), or start a new run with another --name")
     return str(path)
 
 
