@@ -37,8 +37,9 @@ def photo_path(shb_root: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def counter():
-    """The one real counter of the suite: the default model (the CSRNet baseline) on CPU.
-    Tests must not change its settings."""
+    """The one real counter of the input-handling tests: the CSRNet baseline on CPU (named,
+    not "default", so these tests keep their numbers whatever model is the default; the
+    default model has tests of its own).  Tests must not change its settings."""
     from deepcount import Counter
 
-    return Counter.load("default", device="cpu")
+    return Counter.load("csrnet-baseline", device="cpu")

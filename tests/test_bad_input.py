@@ -123,7 +123,7 @@ def cli_batch(files: dict[str, Path], photo_path: Path, tmp_path_factory) -> dic
     paths = [str(photo_path)] + [str(files[name]) for name in [*BROKEN, *VALID]]
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = main(["count", *paths, "--csv", str(out_dir / "rows.csv"), "--json", str(out_dir / "rows.json")])
+        code = main(["count", "--model", "csrnet-baseline", *paths, "--csv", str(out_dir / "rows.csv"), "--json", str(out_dir / "rows.json")])
     with open(out_dir / "rows.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     return {"code": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue(), "paths": paths,
@@ -252,7 +252,7 @@ def test_cli_counts_valid_input_exactly_as_the_api(name: str, cli_batch: dict, a
 
 def test_bomb_is_allowed_only_when_asked_and_limits_apply_to_real_images(photo_path: Path, files, capsys):
     # a limit below the photo's 786,432 pixels refuses it, naming the option to change
-    assert main(["count", "-q", "--max-pixels", "786431", str(photo_path), str(files["1x1"])]) == 1
+    assert main(["count", "-q", "--model", "csrnet-baseline", "--max-pixels", "786431", str(photo_path), str(files["1x1"])]) == 1
     out, err = capsys.readouterr()
     assert f"error: {photo_path}: 1024x768 = 786,432 pixels exceeds the limit of 786,431" in err
     assert "use --max-pixels 786432 (or 0 for no limit)" in err

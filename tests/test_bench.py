@@ -153,3 +153,13 @@ def test_frozen_frontend_smoke(tmp_path):
     assert all(positive(d["caching"][f"{lv}_{p}"]["median_s"]) for lv in ("conv4_3", "pool3") for p in ("bf16", "fp32"))
     inf = d["inference"]
     assert positive(inf["pad"]["per_s"]) and positive(inf["features"]["per_s"]) and inf["features"]["tiles"] >= 1
+
+
+def test_phantom_counts_smoke(tmp_path):
+    d = bench("phantom_counts", tmp_path)
+    res = d["results"]["small untrained"]
+    assert set(res) == {"pad", "grid", "features"}
+    for tiling, pictures in res.items():
+        assert pictures["grey strip 1x5000"]["tiles"] == 10 and pictures["grey 1x1"]["tiles"] == 1
+        for r in pictures.values():  # counts are clamped at 0 per tile: never below the raw sum, never < 0
+            assert r["count"] >= 0 and r["count"] >= r["unclamped"] - 1e-9

@@ -38,7 +38,7 @@ def console(photo_path: Path, tmp_path_factory) -> dict:
     exe = shutil.which("deepcount")
     assert exe is not None, "the deepcount console script is not installed"
     out = tmp_path_factory.mktemp("console")
-    proc = subprocess.run([exe, "count", str(photo_path), "--json", str(out / "rows.json"),
+    proc = subprocess.run([exe, "count", "--model", "csrnet-baseline", str(photo_path), "--json", str(out / "rows.json"),
                            "--density", str(out / "maps")], capture_output=True, text=True, timeout=300)
     return {"proc": proc, "dir": out}
 

@@ -56,7 +56,7 @@ def img_small(shb_root):
 def default_onnx(tmp_path_factory, img1, img_small):
     """The real default model exported once, by the command, with its parity check."""
     path = tmp_path_factory.mktemp("onnx") / "default.onnx"
-    rc, out, err = run_cli("export", "--format", "onnx", "--output", path,
+    rc, out, err = run_cli("export", "--format", "onnx", "--output", path, "--model", "csrnet-baseline",
                            "--check-images", img1, img_small)
     return path, rc, out, err
 
@@ -139,7 +139,7 @@ def test_cli_count_backend_onnxruntime(default_onnx, counter, img_small):
 
 def test_csrnet_export_refuses_other_branches(tmp_path):
     rc, out, err = run_cli("export", "--format", "onnx", "--output", tmp_path / "x.onnx",
-                           "--density", "24x32")
+                           "--model", "csrnet-baseline", "--density", "24x32")
     assert rc == 2 and "CSRNet" in err and not (tmp_path / "x.onnx").exists()
 
 

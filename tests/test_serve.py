@@ -369,7 +369,7 @@ def test_settings_and_sizes():
 def _start_cli_server(*args: str, timeout: float = 60.0) -> tuple[subprocess.Popen, str, list[str]]:
     """``deepcount serve --port 0 ...`` in a subprocess; its URL and the lines it printed."""
     proc = subprocess.Popen([sys.executable, "-m", "deepcount.cli", "serve", "--host", "127.0.0.1",
-                             "--port", "0", *args], stdout=subprocess.PIPE,
+                             "--port", "0", "--model", "csrnet-baseline", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()

@@ -81,7 +81,7 @@ def test_count_video_indices_times_and_counts(counter, mall_video, api_counts):
 def test_cli_writes_csv_plot_and_annotated_video(mall_video, api_counts, tmp_path, capsys):
     out = tmp_path / "out"
     annotated, plot = out / "annotated.mp4", tmp_path / "plots" / "counts.png"
-    rc = main(["video", str(mall_video), "--every", "4", "--out", str(out), "--output", str(annotated),
+    rc = main(["video", str(mall_video), "--model", "csrnet-baseline", "--every", "4", "--out", str(out), "--output", str(annotated),
                "--plot", str(plot), "--device", "cpu", "--quiet"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -116,7 +116,7 @@ def test_cli_writes_csv_plot_and_annotated_video(mall_video, api_counts, tmp_pat
 
 
 def test_cli_max_frames_stops_early(mall_video, tmp_path, capsys):
-    rc = main(["video", str(mall_video), "--max-frames", "1", "--out", str(tmp_path), "--quiet",
+    rc = main(["video", str(mall_video), "--model", "csrnet-baseline", "--max-frames", "1", "--out", str(tmp_path), "--quiet",
                "--device", "cpu"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
