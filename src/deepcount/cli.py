@@ -218,8 +218,8 @@ def _count_images(args: argparse.Namespace) -> int:
             text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             return fail(f"cannot load model {args.model!r}: {text}")
         print(f"model: {counter.description}", file=sys.stderr)
-        if density_dir is not None and 1 not in counter.density_branches:
-            return fail(f"model {counter.name} has no 48x64 density map (branch 1) for --density")
+        if density_dir is not None and counter.picture_branch is None:
+            return fail(f"model {counter.name} has no density map for --density")
 
         items = expand_paths(args.paths)
         files = [it.path for it in items if it.path is not None]
@@ -253,7 +253,8 @@ def _count_images(args: argparse.Namespace) -> int:
                     bar.set_postfix_str(it.path.name, refresh=False)
                     try:
                         image = counter.read(it.path)  # decoded once, for the count and the picture
-                        res = counter.count(image, density=1 if density_dir is not None else None)
+                        res = counter.count(image, density=counter.picture_branch if density_dir is not None
+                                            else None)
                     except ImageLoadError as e:
                         row["error"] = _cli_reason(e.reason)
                     except (MemoryError, RuntimeError) as e:

@@ -275,6 +275,13 @@ class Counter:
             return (1,)  # its density map has branch 1's stride (8)
         return tuple(self.info.get("branches", ()))
 
+    @property
+    def picture_branch(self) -> int | None:
+        """The finest density map this model gives (what pictures and ``density=True`` use;
+        a bundled model may carry one branch only), or None."""
+        branches = self.density_branches
+        return min(branches) if branches else None
+
     def count(self, images: Any, density: int | str | None = None
               ) -> CountResult | list[CountResult]:
         """Count one image or a list (or tuple) of them, of any sizes (a list gives a list).

@@ -177,6 +177,11 @@ class _Expired(Exception):
     pass
 
 
+def _picture_branch(counter: Any) -> int:
+    """The density map the overlay shows: the counter's finest (1 for a stand-in without one)."""
+    return getattr(counter, "picture_branch", None) or 1
+
+
 class _Service:
     """Everything one app instance holds: the counter, its limits, slots and worker threads."""
 
@@ -233,7 +238,7 @@ class _Service:
 
         image = load_image(data, max_pixels=self.settings.max_pixels)
         # Counting the decoded array is exactly Counter.count(data): that is what it does first.
-        result = self.counter.count(image, density=1 if density else None)
+        result = self.counter.count(image, density=_picture_branch(self.counter) if density else None)
         height, width = result.image_size
         out = {"count": float(result.count), "tiles": int(result.tiles), "height": int(height),
                "width": int(width), "seconds": float(result.seconds)}
@@ -355,9 +360,8 @@ def create_app(counter: Any, settings: ServeSettings | None = None):
             raise HTTPException(422, f"density must be 1 or 0, got {density!r}")
         want_density = want in _TRUE or format == "png"
         branches = getattr(service.counter, "density_branches", None)
-        if want_density and branches is not None and 1 not in branches:
-            raise HTTPException(400, f"model {service.name} gives no density map (branch 1); "
-                                     "ask without density=1")
+        if want_density and branches is not None and not branches:
+            raise HTTPException(400, f"model {service.name} gives no density map; ask without density=1")
 
         length = request.headers.get("content-length")
         if length is not None:
