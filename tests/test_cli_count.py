@@ -67,12 +67,12 @@ def test_cli_and_api_agree_exactly(console: dict, api_photo: CountResult, counte
     assert row["count"] == api_photo.count and row["count"] == pytest.approx(BASELINE_IMG_1, abs=1e-3)
     assert {k: row[k] for k in ("source", "height", "width", "tiles", "status", "error")} == {
         "source": str(photo_path), "height": 768, "width": 1024, "tiles": 4, "status": "ok", "error": ""}
-    assert row["density"] == str(console["dir"] / "maps" / "IMG_1.png")
+    assert row["density"] == str(console["dir"] / "maps" / "IMG_1.density.png")
 
 
 def test_density_picture_of_the_real_photo(console: dict, api_photo: CountResult, counter: Counter,
                                            photo_path: Path):
-    picture = np.asarray(Image.open(console["dir"] / "maps" / "IMG_1.png"))
+    picture = np.asarray(Image.open(console["dir"] / "maps" / "IMG_1.density.png"))
     assert picture.shape == (768, 1024, 3)
     expected = overlay(counter.read(photo_path), api_photo.density, api_photo.count, "jet",
                        label="count 61.6 (csrnet-baseline)")
@@ -140,7 +140,7 @@ def test_folders_globs_rows_and_density_pictures(tree: Path, small: Counter, sma
         assert reader.fieldnames == HEADER + ["density"]
         rows = list(reader)
     assert [r["source"] for r in rows] == [str(p) for p in expected]
-    names = ["a_IMG_1.png", "IMG_2.png", "IMG_10.png", "b_IMG_1.png"]  # same stems told apart by folder
+    names = ["a_IMG_1.density.png", "IMG_2.density.png", "IMG_10.density.png", "b_IMG_1.density.png"]  # same stems told apart by folder
     assert [Path(r["density"]).name for r in rows] == names
     assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == sorted(names)
     doc = json.loads((tmp_path / "rows.json").read_text())
@@ -170,8 +170,8 @@ def test_cmap_changes_the_picture_and_a_bad_cmap_is_refused(tree: Path, small_fi
     image = tree / "a" / "IMG_1.jpg"
     assert _run(capsys, "--model", small_file, image, "--density", tmp_path / "jet")[0] == 0
     assert _run(capsys, "--model", small_file, image, "--density", tmp_path / "viridis", "--cmap", "viridis")[0] == 0
-    jet = np.asarray(Image.open(tmp_path / "jet" / "IMG_1.png"))
-    viridis = np.asarray(Image.open(tmp_path / "viridis" / "IMG_1.png"))
+    jet = np.asarray(Image.open(tmp_path / "jet" / "IMG_1.density.png"))
+    viridis = np.asarray(Image.open(tmp_path / "viridis" / "IMG_1.density.png"))
     assert jet.shape == viridis.shape == (300, 450, 3) and not np.array_equal(jet, viridis)
     code, out, err = _run(capsys, "--model", small_file, image, "--density", tmp_path / "x", "--cmap", "nope")
     assert code == 2 and out == ""
@@ -309,6 +309,9 @@ def test_density_names_are_unique():
     paths = [Path("/x/a/IMG_1.jpg"), Path("/x/b/IMG_1.jpg"), Path("/y/a/IMG_1.png"), Path("/IMG_2.jpg"),
              Path("/c/img_2.JPG"), Path("/z/a_IMG_1.jpg"), Path("/z/IMG_3.jpg")]
     names = density_names(paths)
-    assert names == ["a_IMG_1.png", "b_IMG_1.png", "a_IMG_1-2.png", "root_IMG_2.png", "c_img_2.png",
-                     "a_IMG_1-3.png", "IMG_3.png"]
+    assert names == [n + ".density.png" for n in ("a_IMG_1", "b_IMG_1", "a_IMG_1-2", "root_IMG_2", "c_img_2",
+                                                  "a_IMG_1-3", "IMG_3")]
+    # an image named like an overlay is never overwritten by one
+    assert density_names([Path("/p/IMG_4.jpg"), Path("/p/IMG_4.density.png")]) == \
+        ["IMG_4-2.density.png", "IMG_4.density.density.png"]
     assert len({n.lower() for n in names}) == len(names)

@@ -147,3 +147,107 @@ def test_a_corrupt_training_image_is_named_before_training_starts(tmp_path, data
     with pytest.warns(UserWarning, match=bad.name):
         result = train(parse_config([*args, "--data.skip_unreadable", "true"]))
     assert result["global_step"] == 1
+
+
+# ----------------------------------------------------------------------------- the command line
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    net = DeepCount(width=0.125, branches=[1])
+    with torch.no_grad():
+        net.backbone.fc.bias.fill_(5.0)
+    path = tmp_path_factory.mktemp("model") / "small.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture()
+def photos(tmp_path, photo_path) -> Path:
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    with Image.open(photo_path) as im:
+        for i, box in enumerate([(0, 0, 300, 200), (300, 200, 600, 400), (500, 100, 800, 300)], 1):
+            im.crop(box).save(folder / f"IMG_{i}.png")
+    return folder
+
+
+def _count(capsys, *argv) -> tuple[int, str]:
+    from deepcount.cli import main as cli
+
+    code = cli(["count", "-q", *map(str, argv)])
+    return code, capsys.readouterr().err
+
+
+def test_outputs_never_clobber_inputs_or_earlier_results(small_model, photos, tmp_path, capsys):
+    before = {p: p.read_bytes() for p in photos.iterdir()}
+    code, err = _count(capsys, "--model", small_model, "--csv", photos / "IMG_1.png", photos)
+    assert code == 2 and "is one of the images" in err
+    code, err = _count(capsys, "--model", small_model, photos, "--density", photos)
+    assert code == 0
+    assert {p: p.read_bytes() for p in before} == before  # the photos' own PNGs untouched
+    assert sorted(p.name for p in photos.glob("*.density.png")) == [f"IMG_{i}.density.png" for i in (1, 2, 3)]
+    earlier = tmp_path / "earlier.csv"
+    earlier.write_text("precious\n")
+    code, err = _count(capsys, "--model", "csrnet-basline", "--csv", earlier, photos / "IMG_1.png")
+    assert code == 2 and earlier.read_text() == "precious\n"  # a typo in --model touches nothing
+    code, err = _count(capsys, "--model", small_model, "--csv", earlier, "--json", earlier, photos / "IMG_1.png")
+    assert code == 2 and "same file" in err and earlier.read_text() == "precious\n"
+    assert not [p for p in tmp_path.rglob("*.part")]
+
+
+def test_sigterm_leaves_whole_outputs(small_model, photos, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    many = [photos / "IMG_1.png"] * 1 + [photos / f"IMG_{i}.png" for i in (2, 3)]
+    for i in range(40):  # enough work to be stopped in the middle
+        shutil.copy(photos / "IMG_2.png", photos / f"copy_{i}.png")
+    out = tmp_path / "rows.json"
+    proc = subprocess.Popen([sys.executable, "-m", "deepcount.cli", "count", "--model", str(small_model),
+                             "--json", str(out), "--csv", str(tmp_path / "rows.csv"), str(photos), *map(str, many)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith(str(photos)):
+            break  # counting has begun
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err
+    doc = json.loads(out.read_text())  # whole JSON, not 0 bytes
+    assert 1 <= doc["counted"] < 43
+    rows = (tmp_path / "rows.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(doc["images"])
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".part")]
+
+
+def test_a_name_that_is_not_utf8_is_reported_and_the_run_goes_on(small_model, photos, tmp_path, capsys):
+    import os
+
+    odd = os.path.join(os.fsencode(photos), b"caf\xe9.png")
+    os.rename(os.fsencode(photos / "IMG_3.png"), odd)
+    code, err = _count(capsys, "--model", small_model, "--csv", tmp_path / "rows.csv", "--json",
+                       tmp_path / "rows.json", photos)
+    assert code == 0 and "not valid UTF-8" in err
+    sources = [r["source"] for r in json.loads((tmp_path / "rows.json").read_text())["images"]]
+    assert len(sources) == 3 and any(s.endswith("caf\\xe9.png") for s in sources)
+    assert "caf\\xe9.png" in (tmp_path / "rows.csv").read_text()
+
+
+def test_fifos_are_skipped_and_link_loops_end(small_model, photos, tmp_path, capsys):
+    import os
+
+    os.mkfifo(photos / "x.jpg")
+    sub = photos / "sub"
+    sub.mkdir()
+    shutil.copy(photos / "IMG_1.png", sub / "deep.png")
+    os.symlink("..", sub / "up")  # a link pointing up the tree
+    os.symlink("../..", sub / "up2")
+    code, err = _count(capsys, "--model", small_model, "--json", tmp_path / "rows.json", photos,
+                       f"{photos}/**/*.png")
+    rows = json.loads((tmp_path / "rows.json").read_text())["images"]
+    assert code == 1 and "x.jpg: not a regular file (a FIFO (named pipe)): skipped" in err
+    counted = sorted(Path(r["source"]).name for r in rows if r["status"] == "ok")
+    assert counted == ["IMG_1.png", "IMG_2.png", "IMG_3.png", "deep.png"]

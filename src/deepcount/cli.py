@@ -59,10 +59,69 @@ def _natural_key(path: Path) -> list:
 
 
 def _images_in(folder: Path) -> list[Path]:
+    """The image files of a folder (by extension) in natural order, special files included
+    (``expand_paths`` reports those instead of opening them)."""
     from .images import IMAGE_EXTENSIONS
 
     return sorted((f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and not f.is_dir()),
                   key=_natural_key)
+
+
+def _not_regular(path: Path) -> str | None:
+    """Why ``path`` (after symlinks) cannot be read as an image file without blocking, or None:
+    a FIFO would wait forever for a writer, a device could be endless."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # missing or unreadable: the loader names the reason
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+    return f"not a regular file ({kind}): skipped"
+
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    """A glob pattern as a regular expression over ``/``-separated paths: ``**`` spans any
+    number of folders (``**/`` also none), ``*`` and ``?`` stay inside one name."""
+    import fnmatch
+
+    out, i = "", 0
+    parts = re.split(r"(\*\*/?)", pattern)
+    for part in parts:
+        if part == "**/":
+            out += "(?:[^/]*/)*"
+        elif part == "**":
+            out += ".*"
+        elif part:
+            for j, seg in enumerate(part.split("/")):
+                body = fnmatch.translate(seg)[4:-3] if seg else ""  # strip (?s: and )\Z
+                out += ("/" if j else "") + body.replace(".*", "[^/]*").replace("(?s:.)", "[^/]")
+    return re.compile(f"(?s:{out})\\Z")
+
+
+def recursive_glob(pattern: str) -> list[str]:
+    """``glob.glob(pattern, recursive=True)`` that never follows a link to a folder while
+    walking a ``**`` (links pointing up the tree would make it endless); the part before the
+    first ``**`` is expanded as usual."""
+    if "**" not in pattern:
+        return glob.glob(pattern)
+    head, _, _ = pattern.partition("**")
+    base_pattern = head.rstrip("/") or "."
+    bases = glob.glob(base_pattern) if glob.has_magic(base_pattern) else [base_pattern]
+    found = []
+    for base in bases:
+        regex = _pattern_regex(pattern[len(head):])
+        for root, dirs, files in os.walk(base, followlinks=False):
+            rel = os.path.relpath(root, base)
+            rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+            for name in sorted(dirs + files):
+                if regex.match(rel + name):
+                    path = os.path.join(root, name)
+                    found.append(os.path.relpath(path) if not head else path)  # as glob names them
+    return found
 
 
 def expand_paths(args: Sequence[str]) -> list[_Item]:
@@ -79,7 +138,8 @@ def expand_paths(args: Sequence[str]) -> list[_Item]:
         key = os.path.realpath(path)
         if key not in seen:
             seen.add(key)
-            items.append(_Item(str(path), path))
+            problem = _not_regular(path)
+            items.append(_Item(str(path), None if problem else path, problem))
 
     for arg in args:
         p = Path(arg)
@@ -97,7 +157,7 @@ def expand_paths(args: Sequence[str]) -> list[_Item]:
         elif os.path.lexists(arg):
             add(p)  # any file named explicitly is tried, whatever its extension
         elif glob.has_magic(arg):
-            matches = sorted(glob.glob(arg, recursive=True))
+            matches = sorted(recursive_glob(arg))
             files: list[Path] = []
             for m in map(Path, matches):
                 files += _images_in(m) if m.is_dir() else [m] if m.suffix.lower() in IMAGE_EXTENSIONS else []
@@ -111,10 +171,15 @@ def expand_paths(args: Sequence[str]) -> list[_Item]:
     return items
 
 
+DENSITY_SUFFIX = ".density.png"  # an overlay's name: never a photo's own name
+
+
 def density_names(paths: Sequence[Path]) -> list[str]:
-    """One distinct PNG name per image: ``<stem>.png``; stems that occur more than once get
-    their folder's name in front (``a_IMG_1.png``, ``b_IMG_1.png``), then ``-2``, ``-3`` ...
-    if that is still not enough."""
+    """One distinct PNG name per image: ``<stem>.density.png``; stems that occur more than once
+    get their folder's name in front (``a_IMG_1.density.png``, ``b_IMG_1.density.png``), then
+    ``-2``, ``-3`` ... if that is still not enough; a name that is one of the images' own
+    (``x.density.png`` counted itself) gets a number too."""
+    inputs = {p.name.lower() for p in paths}
     stems: dict[str, int] = {}
     for p in paths:
         stems[p.stem.lower()] = stems.get(p.stem.lower(), 0) + 1
@@ -126,11 +191,11 @@ def density_names(paths: Sequence[Path]) -> list[str]:
             folder = Path(os.path.abspath(p)).parent.name or "root"
             base = f"{folder}_{p.stem}"
         name, n = base, 1
-        while name.lower() in used:
+        while name.lower() in used or (name + DENSITY_SUFFIX).lower() in inputs:
             n += 1
             name = f"{base}-{n}"
         used.add(name.lower())
-        names.append(name + ".png")
+        names.append(name + DENSITY_SUFFIX)
     return names
 
 
@@ -146,11 +211,51 @@ def _fmt_count(value: float) -> str:
 ROW_FIELDS = ("source", "count", "height", "width", "tiles", "seconds", "status", "error")
 
 
-def _open_output(path: str, what: str) -> tuple[TextIO | None, str | None]:
+class _AtomicOutput:
+    """A text file written under a temporary name beside ``path`` and renamed onto it when
+    closed: ``path`` is never seen truncated or half-written (a crash, or a kill before the
+    end, leaves the earlier file as it was).  ``discard()`` drops the temporary file."""
+
+    def __init__(self, path: str, newline: str | None):
+        import tempfile
+
+        target = Path(path)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent or ".")
+        self.path = target
+        self.file = open(fd, "w", newline=newline, encoding="utf-8")
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)
+
+    def __enter__(self) -> "_AtomicOutput":
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        self.file.close()
+        if kind is None or issubclass(kind, KeyboardInterrupt):  # whole rows so far: keep them
+            os.replace(self.tmp, self.path)
+        else:
+            self.discard()
+
+    def discard(self) -> None:
+        self.file.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
+
+
+def _open_output(path: str, what: str) -> tuple[_AtomicOutput | None, str | None]:
     try:
-        return open(path, "w", newline="" if what == "csv" else None, encoding="utf-8"), None
+        if Path(path).is_dir():
+            raise IsADirectoryError(21, "is a folder")
+        return _AtomicOutput(path, "" if what == "csv" else None), None
     except OSError as e:
         return None, f"error: cannot write the {what} file {path}: {e.strerror or e}"
+
+
+def printable(name: str) -> str:
+    """A file name as text that any output can hold: bytes that are not UTF-8 (a name from
+    another encoding, kept by Python as surrogates) become ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _out_of_memory(e: BaseException) -> bool:
@@ -161,12 +266,22 @@ def _out_of_memory(e: BaseException) -> bool:
 
 
 def _count(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    def terminated(signum, frame):  # SIGTERM ends the run as Ctrl-C does: outputs kept whole
+        raise KeyboardInterrupt
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, terminated)
     try:
         return _count_images(args)
     except BrokenPipeError:  # whoever read stdout went away (`deepcount count dir | head`)
         with contextlib.suppress(OSError, ValueError, AttributeError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 1
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _count_images(args: argparse.Namespace) -> int:
@@ -194,36 +309,55 @@ def _count_images(args: argparse.Namespace) -> int:
     except ValueError as e:
         return fail(str(e))
 
+    for what, path in (("csv", args.csv), ("json", args.json)):  # checked, not touched, before the model
+        if path is not None:
+            folder = Path(path).parent
+            problem = ("is a folder" if Path(path).is_dir() else "No such file or directory" if not folder.is_dir()
+                       else "Permission denied" if not os.access(folder, os.W_OK) else None)
+            if problem:
+                return fail(f"cannot write the {what} file {path}: {problem}")
+    try:  # the model first: a typo in --model must not touch any output file
+        counter = Counter.load(args.model, device=args.device, tiling=args.tiling,
+                               batch_size=args.batch_size, max_pixels=args.max_pixels or None,
+                               backend=args.backend)
+    except (OSError, ImportError, KeyError, ValueError, RuntimeError) as e:  # incl. HashMismatchError
+        text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        return fail(f"cannot load model {args.model!r}: {text}")
+    print(f"model: {counter.description}", file=sys.stderr)
+    density_dir = Path(args.density) if args.density is not None else None
+    if density_dir is not None and counter.picture_branch is None:
+        return fail(f"model {counter.name} has no density map for --density")
+
+    items = expand_paths(args.paths)
+    for it in items:
+        shown = printable(it.label)
+        if shown != it.label:
+            print(f"warning: {shown}: the file name is not valid UTF-8; it is written with \\x escapes",
+                  file=sys.stderr)
+            it.label = shown
+    files = [it.path for it in items if it.path is not None]
+    inputs = {os.path.realpath(f) for f in files}
+    targets = {what: path for what, path in (("csv", args.csv), ("json", args.json)) if path is not None}
+    for what, path in targets.items():
+        if os.path.realpath(path) in inputs:
+            return fail(f"--{what} {path} is one of the images to count; nothing was written")
+    if len(targets) == 2 and os.path.realpath(targets["csv"]) == os.path.realpath(targets["json"]):
+        return fail(f"--csv and --json are the same file ({args.csv}); nothing was written")
+    pngs = dict(zip(files, density_names(files))) if density_dir is not None else {}
+    if density_dir is not None:
+        try:
+            density_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return fail(f"cannot create the --density folder {density_dir}: {e.strerror or e}")
+
     with contextlib.ExitStack() as stack:
         outputs: dict[str, TextIO] = {}
-        for what, path in (("csv", args.csv), ("json", args.json)):
-            if path is not None:
-                handle, problem = _open_output(path, what)
-                if problem:
-                    print(problem, file=sys.stderr)
-                    return 2
-                outputs[what] = stack.enter_context(handle)
-        density_dir = Path(args.density) if args.density is not None else None
-        if density_dir is not None:
-            try:
-                density_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                return fail(f"cannot create the --density folder {density_dir}: {e.strerror or e}")
-
-        try:
-            counter = Counter.load(args.model, device=args.device, tiling=args.tiling,
-                                   batch_size=args.batch_size, max_pixels=args.max_pixels or None,
-                                   backend=args.backend)
-        except (OSError, ImportError, KeyError, ValueError, RuntimeError) as e:  # incl. HashMismatchError
-            text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            return fail(f"cannot load model {args.model!r}: {text}")
-        print(f"model: {counter.description}", file=sys.stderr)
-        if density_dir is not None and counter.picture_branch is None:
-            return fail(f"model {counter.name} has no density map for --density")
-
-        items = expand_paths(args.paths)
-        files = [it.path for it in items if it.path is not None]
-        pngs = dict(zip(files, density_names(files))) if density_dir is not None else {}
+        for what, path in targets.items():
+            handle, problem = _open_output(path, what)
+            if problem:
+                print(problem, file=sys.stderr)
+                return 2
+            outputs[what] = stack.enter_context(handle)
         writer = None
         if "csv" in outputs:
             fields = ROW_FIELDS + (("density",) if density_dir is not None else ())
@@ -358,8 +492,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  "tiles, seconds, status, error)")
     p.add_argument("--json", metavar="FILE", help="write the same rows, with the model, as JSON")
     p.add_argument("--density", metavar="DIR",
-                   help="write <image stem>.png per image into DIR: the 48x64-per-tile density "
-                        "map over the photo, count in the corner")
+                   help="write <image stem>.density.png per image into DIR: the model's finest "
+                        "density map over the photo, count in the corner")
     p.add_argument("--cmap", default="jet", help="matplotlib colormap for --density (default: %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_count)
