@@ -303,8 +303,8 @@ def test_timeout_is_504_and_the_slot_stays_busy_until_the_work_ends(small_png):
             r = post(c, small_png)
             assert r.status_code == 504
             assert 0.4 < time.monotonic() - start < 10
-            assert "goes on in the background" in r.json()["detail"]
-            assert c.get("/healthz").json()["counting"] == 1  # the computation still runs
+            assert "stops at its next batch of tiles" in r.json()["detail"]
+            assert c.get("/healthz").json()["counting"] == 1  # a stand-in without deadlines still runs
             r = post(c, small_png)  # no slot frees up within its own timeout
             assert r.status_code == 504
             assert "waiting for a free counting slot" in r.json()["detail"]
@@ -473,3 +473,66 @@ def test_burst_against_a_saturated_server(counter, crop_jpeg, reference, capsys)
     with capsys.disabled():
         print(f"\n[burst] {clients} clients at once against 1 slot + 1 queued: "
               f"{statuses.count(200)} x 200, {statuses.count(503)} x 503 in {seconds:.1f} s")
+
+
+# ----------------------------------------------------------------------------- issue 16: work bounds
+def test_a_thin_strip_is_413_for_its_tiles_before_admission():
+    """A 1x25,000,000 PNG passes the 25-megapixel limit but is 48,829 tiles."""
+    stub = StubCounter()
+    with TestClient(create_app(stub)) as c:
+        r = post(c, bomb_png(25_000_000, 1), "strip.png")
+        assert r.status_code == 413 and "48,829 tiles" in r.json()["detail"] and "limit of 256" in r.json()["detail"]
+    stub.tiling = "grid"  # the authors' resize: 1x1,000,000 -> 1 x 1,953 tiles (and a 384 x 1,000k image)
+    with TestClient(create_app(stub)) as c:
+        r = post(c, bomb_png(1_000_000, 1), "strip.png")
+        assert r.status_code == 413 and "1,953 tiles" in r.json()["detail"]
+        assert c.get("/healthz").json()["waiting"] == 0
+    assert stub.calls == 0
+
+
+def test_slow_uploads_hold_no_counting_place(small_png):
+    """Ten senders trickling a 100 KB body take none of the 1 + 1 counting places."""
+    stub = StubCounter()
+    settings = ServeSettings(max_concurrency=1, queue=1, upload_timeout=3.0)
+    with running(create_app(stub, settings)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        slow = []
+        for _ in range(10):
+            s = socket.create_connection((host, int(port)), timeout=20)
+            s.sendall(b"POST /v1/count HTTP/1.1\r\nHost: test\r\nContent-Type: image/png\r\n"
+                      b"Content-Length: 100000\r\n\r\n\x89")
+            slow.append(s)
+        try:
+            import httpx
+
+            time.sleep(0.3)
+            r = httpx.post(url + "/v1/count", files={"image": ("a.png", small_png, "image/png")}, timeout=20)
+            assert r.status_code == 200 and r.json()["count"] == 42.5
+            reply = slow[0].recv(4096)  # after its own deadline, the trickle gets 408
+            assert reply.startswith(b"HTTP/1.1 408"), reply
+        finally:
+            for s in slow:
+                s.close()
+
+
+def test_counting_stops_when_its_request_times_out(tmp_path):
+    """A real Counter stops within a batch of tiles once its request has timed out, and its
+    slot is free again long before the whole image would have been counted."""
+    import torch
+
+    from deepcount import Counter
+    from deepcount.model import DeepCount
+
+    torch.manual_seed(0)
+    counter = Counter(DeepCount(width=0.125).eval(), {"name": "small"}, torch.device("cpu"), "pad", batch_size=1)
+    buf = io.BytesIO()
+    Image.fromarray(np.full((3072, 4096, 3), 90, np.uint8)).save(buf, format="JPEG")  # 64 tiles
+    start = time.monotonic()
+    counter.count(np.full((384, 512 * 8, 3), 90, np.uint8))
+    per_tile = (time.monotonic() - start) / 8
+    with TestClient(create_app(counter, ServeSettings(max_concurrency=1, queue=1, timeout=0.3))) as c:
+        start = time.monotonic()
+        r = post(c, buf.getvalue(), "big.jpg")
+        assert r.status_code == 504
+        wait_until(lambda: c.get("/healthz").json()["counting"] == 0, timeout=64 * per_tile, what="the slot")
+        assert time.monotonic() - start < 0.3 + 20 * per_tile + 2  # not 64 tiles' worth

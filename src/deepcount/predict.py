@@ -282,7 +282,7 @@ class Counter:
         branches = self.density_branches
         return min(branches) if branches else None
 
-    def count(self, images: Any, density: int | str | None = None
+    def count(self, images: Any, density: int | str | None = None, deadline: float | None = None
               ) -> CountResult | list[CountResult]:
         """Count one image or a list (or tuple) of them, of any sizes (a list gives a list).
 
@@ -292,14 +292,16 @@ class Counter:
         orientation is applied and alpha dropped (see ``deepcount.images.load_image``).
         ``density`` asks for a density map (branch 1..5 or its size, ``"48x64"``); without it
         only the backbone runs.  An unusable image raises ``ImageLoadError`` naming it.
+        ``deadline`` (a ``time.monotonic()`` value): past it, counting stops before its next
+        batch of tiles with ``deepcount.tiling.CountTimeout`` (a ``TimeoutError``).
         """
         branch = parse_density(density)
         if branch is not None and branch not in self.density_branches:
             raise ValueError(f"model {self.name} has no density branch {branch}; "
                              f"available: {self.density_branches}")
         if isinstance(images, (list, tuple)):
-            return [self._count_one(im, branch) for im in images]
-        return self._count_one(images, branch)
+            return [self._count_one(im, branch, deadline) for im in images]
+        return self._count_one(images, branch, deadline)
 
     def read(self, source: Any) -> np.ndarray:
         """The (H, W, 3) uint8 RGB array ``count`` would see for ``source`` (upright, alpha
@@ -315,11 +317,11 @@ class Counter:
                 raise ImageLoadError(label, e.reason) from e
         return load_image(source, max_pixels=self.max_pixels)
 
-    def _count_one(self, source: Any, branch: int | None) -> CountResult:
+    def _count_one(self, source: Any, branch: int | None, deadline: float | None = None) -> CountResult:
         start = time.perf_counter()
         image = self.read(source)
         total, dmap, per_tile = count_tiles(self.runner, image, self.tiling, self.batch_size,
-                                            branch, self.device)
+                                            branch, self.device, deadline=deadline)
         return CountResult(_label(source), total, tuple(image.shape[:2]), len(per_tile),
                            time.perf_counter() - start, dmap, per_tile)
 

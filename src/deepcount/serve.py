@@ -20,18 +20,21 @@ Limits (every error is JSON ``{"detail": "..."}``)
 * **Upload size** -> 413.  Refused from ``Content-Length`` before a byte of the body is read,
   and enforced again while the body streams in (chunked uploads have no length).  The limit
   applies to the image; the multipart envelope may add up to 64 KiB on top of it.
-* **Pixels** -> 413 (the size is the problem, as with bytes, so the same status).  Read from
-  the image header before any pixel is decoded (:func:`deepcount.images.image_size`).
+* **Pixels and tiles** -> 413 (the size is the problem, as with bytes, so the same status).
+  Read from the image header before any pixel is decoded (:func:`deepcount.images.image_size`)
+  and before the request is admitted: at most ``max_pixels`` pixels and ``max_tiles`` tiles
+  with the model's tiling (a 1x25,000,000 strip is 25 MP but 48,829 tiles).
 * **Not an image, truncated or corrupt** -> 422 with the reason from :mod:`deepcount.images`.
-* **Concurrency** -> 503 with ``Retry-After``.  At most ``max_concurrency`` requests count at
-  once and at most ``queue`` more are admitted (receiving their upload or waiting for a
-  slot).  Anything beyond is refused at once: nothing queues without bound.
-* **Time** -> 504 (408 when the upload itself has not arrived in time).  ``timeout`` bounds
-  the whole request after it is admitted: reading the upload, waiting for a slot and
-  counting.  Counting runs in a worker thread (torch releases the GIL, the event loop stays
-  free), and a thread cannot be killed: a computation that timed out keeps its slot, and its
-  place among the admitted requests, until it really ends.  So a stream of requests that all
-  time out turns into 503s instead of piling up hidden work.
+* **Concurrency** -> 503 with ``Retry-After``.  An upload is received first, at most
+  ``max_uploads`` at once, each within ``upload_timeout`` (408 after it): a slow sender holds
+  no counting place.  Then at most ``max_concurrency`` requests count at once and at most
+  ``queue`` more are admitted to wait for a slot.  Anything beyond is refused at once: nothing
+  queues without bound.
+* **Time** -> 504.  ``timeout`` bounds the request once its upload has arrived: waiting for a
+  slot and counting.  Counting runs in a worker thread (torch releases the GIL, the event loop
+  stays free); a computation whose request timed out stops before its next batch of tiles and
+  only then frees its slot, so a stream of requests that all time out turns into 503s instead
+  of piling up hidden work.
 * **Model errors** -> 500 with the exception's message; the slot is released.
 * Also: 415 for a body that is neither multipart nor an image, 422 for a multipart body
   without the file field ``image``, 400 for ``density=1`` asked of a model without maps.
@@ -83,17 +86,21 @@ class ServeSettings:
     max_pixels: int = 25_000_000  # 25 megapixels: a 12 MP phone photo fits twice over
     max_concurrency: int = 2  # requests counting at once
     queue: int = 8  # admitted requests beyond those counting
-    timeout: float = 120.0  # seconds per request, from admission to answer
+    timeout: float = 120.0  # seconds per request, from admission (its upload received) to answer
+    max_tiles: int = 256  # tiles of one image (a thin strip is few pixels but many tiles)
+    upload_timeout: float = 30.0  # seconds to receive one upload, before it is admitted
+    max_uploads: int = 64  # uploads being received at once (they hold no counting place)
 
     def __post_init__(self) -> None:
-        for name in ("max_upload_bytes", "max_pixels", "max_concurrency"):
+        for name in ("max_upload_bytes", "max_pixels", "max_concurrency", "max_tiles", "max_uploads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if isinstance(self.queue, bool) or not isinstance(self.queue, int) or self.queue < 0:
             raise ValueError(f"queue must be an int >= 0, got {self.queue!r}")
-        if not self.timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {self.timeout!r}")
+        if not self.timeout > 0 or not self.upload_timeout > 0:
+            raise ValueError(f"timeout and upload_timeout must be > 0 seconds, got {self.timeout!r}, "
+                             f"{self.upload_timeout!r}")
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
@@ -192,6 +199,20 @@ class _Service:
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
         self.avg_seconds = 0.0  # moving average of the model's time, for Retry-After
+        self.uploading = 0  # uploads being received (not yet admitted)
+        import inspect
+
+        try:  # a Counter stops at a deadline between batches of tiles; a stand-in may not
+            self._deadline = "deadline" in inspect.signature(counter.count).parameters
+        except (TypeError, ValueError):
+            self._deadline = False
+
+    def tiles(self, height: int, width: int) -> int:
+        """How many tiles counting an image of this size takes with the counter's tiling."""
+        from .tiling import MODES, plan_tiles
+
+        tiling = self.tiling if self.tiling in MODES else "pad"
+        return len(plan_tiles(height, width, tiling))
 
     # -- model information (any Counter-like object)
     @property
@@ -230,15 +251,18 @@ class _Service:
         return str(max(1, math.ceil(self.avg_seconds)))
 
     # -- the work done in a worker thread
-    def work(self, data: bytes, density: bool, as_png: bool = False) -> tuple[dict, bytes | None]:
+    def work(self, data: bytes, density: bool, as_png: bool = False,
+             deadline: float | None = None) -> tuple[dict, bytes | None]:
         """Decode, count and (``density``) draw the overlay: all of the heavy lifting, so
-        that it runs here, in a worker thread, and never on the event loop."""
+        that it runs here, in a worker thread, and never on the event loop.  ``deadline``
+        (``time.monotonic()``): the counting stops there, within a batch of tiles."""
         from .images import load_image
         from .pictures import overlay, png_bytes
 
         image = load_image(data, max_pixels=self.settings.max_pixels)
         # Counting the decoded array is exactly Counter.count(data): that is what it does first.
-        result = self.counter.count(image, density=_picture_branch(self.counter) if density else None)
+        extra = {"deadline": deadline} if self._deadline and deadline is not None else {}
+        result = self.counter.count(image, density=_picture_branch(self.counter) if density else None, **extra)
         height, width = result.image_size
         out = {"count": float(result.count), "tiles": int(result.tiles), "height": int(height),
                "width": int(width), "seconds": float(result.seconds)}
@@ -375,6 +399,31 @@ def create_app(counter: Any, settings: ServeSettings | None = None):
                 raise too_large(f"upload of {n:,} bytes exceeds the limit of "
                                 f"{settings.max_upload_bytes:,} bytes")
 
+        # The upload first, under its own deadline and count: a slow sender holds no place
+        # among the requests admitted to counting.
+        if service.uploading >= settings.max_uploads:
+            raise HTTPException(503, f"server busy: {service.uploading} uploads being received; try again "
+                                     "later", headers={"Retry-After": service.retry_after()})
+        service.uploading += 1
+        try:
+            data = await asyncio.wait_for(read_image(request), settings.upload_timeout)
+        except TimeoutError:
+            raise HTTPException(408, f"upload not received within {settings.upload_timeout:g} s",
+                                headers={"Connection": "close"}) from None
+        finally:
+            service.uploading -= 1
+        try:  # the header only: cheap, and nothing is admitted for a bad or too big file
+            height, width = await run_in_threadpool(image_size, data)
+        except ImageLoadError as e:
+            raise HTTPException(422, f"not a usable image: {e.reason}") from None
+        if height * width > settings.max_pixels:
+            raise too_large(f"image of {width}x{height} = {width * height:,} pixels exceeds "
+                            f"the limit of {settings.max_pixels:,} pixels")
+        tiles = service.tiles(height, width)
+        if tiles > settings.max_tiles:
+            raise too_large(f"image of {width}x{height} pixels needs {tiles:,} tiles of 384x512 "
+                            f"({service.tiling} tiling), over the limit of {settings.max_tiles:,}")
+
         gate = service.gate
         if not gate.admit():
             raise HTTPException(503, f"server busy: {gate.busy} counting and {gate.waiting} "
@@ -385,18 +434,6 @@ def create_app(counter: Any, settings: ServeSettings | None = None):
         handed_over = False  # True once the ticket belongs to a running computation
         try:
             try:
-                data = await asyncio.wait_for(read_image(request), deadline - loop.time())
-            except TimeoutError:
-                raise HTTPException(408, f"upload not received within {settings.timeout:g} s",
-                                    headers={"Connection": "close"}) from None
-            try:  # the header only: cheap, and no slot is taken for a bad file
-                height, width = await run_in_threadpool(image_size, data)
-            except ImageLoadError as e:
-                raise HTTPException(422, f"not a usable image: {e.reason}") from None
-            if height * width > settings.max_pixels:
-                raise too_large(f"image of {width}x{height} = {width * height:,} pixels exceeds "
-                                f"the limit of {settings.max_pixels:,} pixels")
-            try:
                 await gate.acquire(deadline - loop.time())
             except TimeoutError:
                 raise HTTPException(504, f"timed out after {settings.timeout:g} s waiting for "
@@ -404,8 +441,9 @@ def create_app(counter: Any, settings: ServeSettings | None = None):
 
             started = time.perf_counter()
             try:
+                stop = time.monotonic() + max(0.0, deadline - loop.time())  # the work ends with the request
                 fut = loop.run_in_executor(service.executor, service.work, data, want_density,
-                                           format == "png")
+                                           format == "png", stop)
             except BaseException:
                 gate.release()
                 raise
@@ -425,13 +463,16 @@ def create_app(counter: Any, settings: ServeSettings | None = None):
                 try:
                     out, png = await asyncio.wait_for(asyncio.shield(fut), deadline - loop.time())
                 except TimeoutError:
-                    if fut.done() and not fut.cancelled() and fut.exception() is not None:
-                        raise fut.exception() from None  # the model's own TimeoutError
+                    from .tiling import CountTimeout
+
+                    error = fut.exception() if fut.done() and not fut.cancelled() else None
+                    if error is not None and not isinstance(error, CountTimeout):
+                        raise error from None  # the model's own TimeoutError
                     raise _Expired() from None
             except _Expired:
                 raise HTTPException(504, f"counting did not finish within {settings.timeout:g} s; "
-                                         "the computation goes on in the background and holds "
-                                         "its slot until it ends") from None
+                                         "it stops at its next batch of tiles and then frees "
+                                         "its slot") from None
             except ImageLoadError as e:
                 raise HTTPException(422, f"not a usable image: {e.reason}") from None
             except MemoryError:
@@ -506,7 +547,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = ServeSettings(max_upload_bytes=args.max_upload_bytes, max_pixels=args.max_pixels,
                                  max_concurrency=args.max_concurrency, queue=args.queue,
-                                 timeout=args.timeout)
+                                 timeout=args.timeout, max_tiles=args.max_tiles,
+                                 upload_timeout=args.upload_timeout, max_uploads=args.max_uploads)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -567,7 +609,16 @@ def add_command(subparsers) -> None:
                    help=f"requests admitted beyond those counting (default {d.queue}); "
                         "more get 503 at once")
     p.add_argument("--timeout", type=float, default=d.timeout,
-                   help=f"seconds per request (default {d.timeout:g}); 504 after that")
+                   help=f"seconds per request once its upload has arrived (default {d.timeout:g}); "
+                        "504 after that, and the counting stops")
+    p.add_argument("--max-tiles", type=int, default=d.max_tiles,
+                   help=f"most 384x512 tiles one image may take, from its header (default {d.max_tiles}); "
+                        "413 beyond (a 1-pixel-high strip has few pixels but many tiles)")
+    p.add_argument("--upload-timeout", type=float, default=d.upload_timeout,
+                   help=f"seconds to receive an upload (default {d.upload_timeout:g}); 408 after that")
+    p.add_argument("--max-uploads", type=int, default=d.max_uploads,
+                   help=f"uploads received at once (default {d.max_uploads}); they hold no counting "
+                        "place until they have arrived; 503 beyond")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_serve)

@@ -20,6 +20,7 @@ counts add up and density maps are stitched back to image coordinates.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -173,6 +174,10 @@ class DensityMap:
 Runner = Callable[[Tensor, "int | None"], "tuple[Tensor, Tensor | None]"]
 
 
+class CountTimeout(TimeoutError):
+    """Counting passed its deadline (``count_tiles(..., deadline=...)``) and stopped."""
+
+
 def torch_runner(model: nn.Module, engine: str | Engine | None = "eager") -> Runner:
     """(batch, branch) -> (counts (b,), maps (b, h, w) or None) for a DeepCount or CSRNet:
     the backbone alone unless a branch is asked for; a CSRNet counts by its density map
@@ -198,7 +203,8 @@ def feature_batches(features: Tensor, plan: TilePlan, batch_size: int = 8
 def count_tiles(model: nn.Module | Runner, image: np.ndarray | None, mode: str = "pad", batch_size: int = 8,
                 branch: int | None = None, device: str | torch.device | None = None,
                 engine: str | Engine | None = "auto", level: str | None = None,
-                features: Tensor | np.ndarray | None = None) -> tuple[float, DensityMap | None, list[float]]:
+                features: Tensor | np.ndarray | None = None, deadline: float | None = None
+                ) -> tuple[float, DensityMap | None, list[float]]:
     """Count the people in an (H, W, 3) uint8 image of any size.
 
     ``model`` is a DeepCount / CSRNet (on ``device``, default: where its parameters are) or a
@@ -212,6 +218,8 @@ def count_tiles(model: nn.Module | Runner, image: np.ndarray | None, mode: str =
     Mode ``features`` needs the frontend ``level`` the model was trained at (a runner made
     with one carries it); ``features`` (C, H/8, W/8), e.g. from a
     :class:`deepcount.features.FeatureCache`, skips the frontend (``image`` may then be None).
+    ``deadline`` (a ``time.monotonic()`` value): past it, :class:`CountTimeout` is raised
+    before the next batch of tiles, so abandoned work ends within one batch.
     """
     if features is not None:
         features = torch.as_tensor(np.asarray(features) if isinstance(features, np.ndarray) else features)
@@ -241,6 +249,8 @@ def count_tiles(model: nn.Module | Runner, image: np.ndarray | None, mode: str =
     counts = torch.empty(len(plan), dtype=torch.float64)
     maps: Tensor | None = None
     for batch, indices in batches:
+        if deadline is not None and time.monotonic() > deadline:
+            raise CountTimeout(f"counting stopped at its deadline after {indices[0]} of {len(plan)} tiles")
         c, m = run(batch.to(device), ask)
         if m is not None:
             m = m.float().cpu()
