@@ -251,3 +251,32 @@ def test_fifos_are_skipped_and_link_loops_end(small_model, photos, tmp_path, cap
     assert code == 1 and "x.jpg: not a regular file (a FIFO (named pipe)): skipped" in err
     counted = sorted(Path(r["source"]).name for r in rows if r["status"] == "ok")
     assert counted == ["IMG_1.png", "IMG_2.png", "IMG_3.png", "deep.png"]
+
+
+def test_points_far_outside_the_image_are_an_error_naming_the_file(tmp_path, data_root, capsys):
+    from deepcount.datasets import custom, handle_points_outside, shanghaitech
+
+    root = tmp_path / "data" / "train"
+    root.mkdir(parents=True)
+    items = shanghaitech(data_root / "ShanghaiTech", "B", "train")[:3]
+    for i, item in enumerate(items):
+        shutil.copy(item.image, root / item.image.name)
+        points = item.points.tolist() + ([[1500.0, 300.0]] * 500 if i == 1 else [[1023.4, 767.2]])  # 1024x768
+        (root / f"{item.image.stem}.json").write_text(json.dumps({"points": points}))
+    ds = custom(root)
+    bad = root / f"{items[1].image.stem}.json"
+    with pytest.raises(ValueError, match=f"500 annotated point.*{bad.name}: 500 point"):
+        handle_points_outside(ds, "error")
+    dropped, line = handle_points_outside(ds, "drop")
+    assert [it.count for it in dropped] == [it.count + (0 if i == 1 else 1) for i, it in enumerate(items)]
+    assert "dropped" in line
+    kept, _ = handle_points_outside(ds, "clip")
+    assert [it.count for it in kept] == [it.count for it in ds]
+    data = ["--data.dataset", "custom", "--data.root", str(tmp_path / "data"), "--data.val_fraction", "0.34"]
+    args = ["--config", str(REPO / "configs" / "shb.yaml"), *SMALL, *data, "--out", str(tmp_path / "runs"),
+            "--name", "run", "--trainer.max_steps", "1", "--data.outside_points", "error"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert bad.name in err and "500 point(s), up to 47" in err and "Traceback" not in err
+    with pytest.warns(UserWarning, match="dropped"):
+        assert train(parse_config([*args, "--data.outside_points", "drop"]))["global_step"] == 1

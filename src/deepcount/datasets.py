@@ -606,6 +606,55 @@ def unreadable_images(dataset: Sequence[AnnotatedImage], max_pixels: int | None 
     return bad
 
 
+OUTSIDE_POLICIES = ("error", "drop", "clip")
+
+
+def points_outside(dataset: Sequence[AnnotatedImage], tolerance: float = 4.0
+                   ) -> list[tuple[AnnotatedImage, np.ndarray, float]]:
+    """The images with annotated points more than ``tolerance`` pixels outside the image
+    (sizes read from the headers): each with the mask of those points and the farthest
+    distance.  Such points are annotation errors: a ground-truth map would pile them into the
+    border pixels."""
+    found = []
+    for item in dataset:
+        if not len(item.points):
+            continue
+        h, w = image_size(item.image)
+        x, y = item.points[:, 0], item.points[:, 1]
+        # pixel centres are on integers: the image spans -0.5 .. w - 0.5
+        beyond = np.maximum.reduce([-0.5 - x, -0.5 - y, x - (w - 0.5), y - (h - 0.5), np.zeros_like(x)])
+        mask = beyond > tolerance
+        if mask.any():
+            found.append((item, mask, float(beyond.max())))
+    return found
+
+
+def handle_points_outside(dataset: CrowdDataset, policy: str = "error", tolerance: float = 4.0
+                          ) -> tuple[CrowdDataset, str | None]:
+    """Apply ``policy`` to points more than ``tolerance`` pixels outside their image:
+    ``error`` raises a ValueError naming the files, ``drop`` removes those points, ``clip``
+    keeps them (the ground truth puts them in the border pixel).  Returns the dataset and a
+    line saying what was found (None when nothing was)."""
+    if policy not in OUTSIDE_POLICIES:
+        raise ValueError(f"outside-points policy must be one of {OUTSIDE_POLICIES}, got {policy!r}")
+    found = points_outside(dataset, tolerance)
+    if not found:
+        return dataset, None
+    n = int(sum(int(mask.sum()) for _, mask, _ in found))
+    listed = "; ".join(f"{item.annotation or item.image}: {int(mask.sum())} point(s), up to {far:.0f} px"
+                       for item, mask, far in found[:5]) + (" ..." if len(found) > 5 else "")
+    line = (f"{n} annotated point(s) in {len(found)} of {len(dataset)} images lie more than {tolerance:g} px "
+            f"outside their image ({listed})")
+    if policy == "error":
+        raise ValueError(line + "; fix the annotations, or choose to drop or clip them")
+    if policy == "drop":
+        masks = {id(item): mask for item, mask, _ in found}
+        items = [AnnotatedImage(it.image, it.points[~masks[id(it)]], it.annotation) if id(it) in masks else it
+                 for it in dataset]
+        return CrowdDataset(dataset.name, dataset.split, items), line + ": dropped"
+    return dataset, line + ": clipped into the border pixels"
+
+
 def train_val_split(dataset: CrowdDataset, val_fraction: float = 0.1,
                     seed: int = 0) -> tuple[CrowdDataset, CrowdDataset]:
     """Carve a validation set out of a training split with a fixed-seed permutation.

@@ -36,6 +36,7 @@ from .cache import cache_dir
 from .engines import precision_context
 from .images import DEFAULT_MAX_PIXELS, load_image, to_tensor
 from .model import FEATURE_SIZE, FEATURE_STRIDE, FRONTEND_LEVELS, INPUT_SIZE, frontend_split
+from .weights import sha256_file
 
 FEATURE_PRECISIONS = ("fp32", "bf16")
 WINDOW = 1024  # pixels per side of a frontend window (before its halo): ~1.7 GB of activations
@@ -136,14 +137,6 @@ def frontend_digest(net: nn.Module, level: str) -> str:
     return h.hexdigest()
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class FeatureCache:
     """Frontend features of images on disk: one float16 ``(H/8, W/8, C)`` ``.npy`` per
     (frontend weights, image content, level, mirror flag, precision), read memory-mapped.
@@ -171,7 +164,7 @@ class FeatureCache:
         image = Path(image)
         digest = self._digests.get(image)
         if digest is None:
-            digest = self._digests[image] = file_digest(image)
+            digest = self._digests[image] = sha256_file(image)
         key = json.dumps([self.frontend, digest, self.level, bool(mirror), self.precision])
         return self.root / f"{hashlib.sha256(key.encode()).hexdigest()}.npy"
 

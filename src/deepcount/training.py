@@ -41,7 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
-from .datasets import CrowdCrops, CrowdDataset, crop_batch, load_dataset, train_val_split, unreadable_images
+from .datasets import (OUTSIDE_POLICIES, CrowdCrops, CrowdDataset, crop_batch, handle_points_outside, load_dataset,
+                       train_val_split, unreadable_images)
 from .engines import default_batch_size, retain_cpu_memory
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .loss import BETA, OMEGA, csrnet_loss, official_loss, paper_loss
@@ -108,6 +109,10 @@ class DataConfig:
     # every image is read once before training: unreadable ones stop the run before it starts
     # (named), or with skip_unreadable are left out (named, as a warning)
     skip_unreadable: bool = False
+    # annotated points more than outside_tolerance px outside their image: error (named, before
+    # training) | drop | clip (into the border pixel; what the ground truth did before)
+    outside_points: str = "error"
+    outside_tolerance: float = 4.0
     val_tiling: str = "pad"  # pad | grid | features (frozen frontend: from the feature cache)
     # crops drawn anywhere in the image with this probability, so they may overhang its right /
     # bottom edge into padding (zero targets): the network learns that padding holds nobody
@@ -245,6 +250,8 @@ def check_config(cfg: TrainConfig) -> None:
                               "(validation then counts as the trained model will)")
     elif d.val_tiling == "features":
         raise ConfigError("data.val_tiling features needs model.frozen (the frontend level of the features)")
+    if d.outside_points not in OUTSIDE_POLICIES:
+        raise ConfigError(f"data.outside_points must be one of {list(OUTSIDE_POLICIES)}, got {d.outside_points!r}")
     if d.feature_precision not in ("fp32", "bf16"):
         raise ConfigError(f"data.feature_precision must be fp32 or bf16, got {d.feature_precision!r}")
     if not 0.0 <= d.overhang_probability <= 1.0:
@@ -407,6 +414,13 @@ class CrowdDataModule(L.LightningDataModule if L is not None else object):  # ty
             warnings.warn(f"leaving out {len(bad)} unreadable image(s): {listed}", stacklevel=2)
             names = {path for path, _ in bad}
             full = CrowdDataset(full.name, full.split, [it for it in full if Path(it.image) not in names])
+        try:
+            full, outside = handle_points_outside(full, d.outside_points, d.outside_tolerance)
+        except ValueError as e:
+            raise ConfigError(f"{e} (data.outside_points drop | clip); nothing was trained") from None
+        if outside:
+            import warnings
+            warnings.warn(outside, stacklevel=2)
         if d.val_fraction > 0:
             self.train_set, self.val_set = train_val_split(full, d.val_fraction, seed=self.seed)
         else:
@@ -815,6 +829,7 @@ def make_trainer(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Any:
 # What a resumed run must share with the run it continues: changing any of these silently
 # would make the "resumed" run another experiment (the rest, e.g. max_steps, may change).
 RESUME_FIXED = ("seed", "model", "data.dataset", "data.split", "data.val_fraction", "data.limit",
+                "data.outside_points", "data.outside_tolerance",
                 "data.batch_size", "data.crops_per_image", "data.mirror", "data.grey_probability",
                 "data.sigma", "data.kernel_size", "data.keep_mass", "data.overhang_probability",
                 "data.feature_precision", "recipe")
@@ -824,6 +839,14 @@ def _field(tree: dict, dotted: str) -> Any:
     for part in dotted.split("."):
         tree = tree.get(part, {}) if isinstance(tree, dict) else {}
     return tree
+
+
+def _has(tree: dict, dotted: str) -> bool:
+    """Whether a saved config holds ``dotted`` (a run older than a setting does not)."""
+    *parents, last = dotted.split(".")
+    for part in parents:
+        tree = tree.get(part, {}) if isinstance(tree, dict) else {}
+    return isinstance(tree, dict) and last in tree
 
 
 def resolve_resume(cfg: TrainConfig) -> str | None:
@@ -859,7 +882,7 @@ def resolve_resume(cfg: TrainConfig) -> str | None:
             raise ConfigError(f"{saved}: not valid YAML ({e})") from e
         now = asdict(cfg)
         changed = [f"{k}: {_field(before, k)!r} -> {_field(now, k)!r}" for k in RESUME_FIXED
-                   if _field(before, k) != _field(now, k)]
+                   if _field(before, k) != _field(now, k) and _has(before, k)]
         if changed:
             raise ConfigError(f"resuming {cfg.run_dir} with settings that differ from its config.yaml would "
                               f"make it another experiment: {'; '.join(changed)}. Resume with the run's own "
