@@ -238,6 +238,7 @@ class FeatureCrops(torch.utils.data.Dataset):
         self.overhang_probability = float(overhang_probability)
         self.targets_cache = targets_cache
         self._kernels: dict[int, object] = {}
+        self._cells: dict[int, tuple[int, int]] = {}
 
     def __len__(self) -> int:
         return len(self.dataset) * self.crops_per_image
@@ -246,8 +247,11 @@ class FeatureCrops(torch.utils.data.Dataset):
         return self.cache.get(self.dataset[index].image, mirror)
 
     def cells(self, index: int) -> tuple[int, int]:
-        """(rows, cols) of image ``index``'s feature map."""
-        return tuple(self.features(index).shape[:2])  # type: ignore[return-value]
+        """(rows, cols) of image ``index``'s feature map (read once per image)."""
+        size = self._cells.get(index)
+        if size is None:
+            size = self._cells[index] = tuple(self.features(index).shape[:2])  # type: ignore[assignment]
+        return size
 
     def kernels(self, index: int):
         """The ground truth of image ``index`` over the part its features cover."""
