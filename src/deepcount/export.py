@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
+from .cli import add_device_option, add_model_option
 from .model import FEATURE_SIZE, INPUT_SIZE, MAP_SIZES, CSRNet, DeepCount, architecture, frontend_split
 from .predict import load_network, parse_density, resolve_device
 
@@ -482,6 +483,9 @@ def load_onnx_runner(path: str | os.PathLike, device: str | torch.device = "auto
                      ) -> tuple[OnnxRunner, dict]:
     """What ``Counter.load(path, backend="onnxruntime")`` runs: the runner and the Counter's
     ``info`` (name, description, architecture, source sha256, tiling, exported branches)."""
+    from .extras import require
+
+    require("export", "onnxruntime")  # MissingExtraError (an ImportError) saying how to install it
     session, meta = onnx_session(path, device)
     info = dict(meta.get("info") or {})
     info.update({
@@ -726,8 +730,14 @@ def _describe_outputs(graph: CountGraph) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .extras import MissingExtraError, require
     from .images import ImageLoadError
 
+    try:
+        require("export", "onnx", "onnxruntime")
+    except MissingExtraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         resolve_device(args.device)
         images = check_images(args.check_images)  # first: a bad path fails before exporting
@@ -787,7 +797,7 @@ def add_command(subparsers) -> None:
                     "tiles at batch 1 and 3 (PASS within 1e-4 relative, else exit 1).")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--output", required=True, help="file to write (.onnx for ONNX)")
-    p.add_argument("--model", default="default", help="registered model name or a .safetensors path")
+    add_model_option(p)
     p.add_argument("--density", default=None, metavar="BRANCH|HxW",
                    help="also output this branch's density map (1..5 or e.g. 48x64); a DeepCount "
                         "export without it holds no branch")
@@ -795,6 +805,5 @@ def add_command(subparsers) -> None:
                    help="real photos for the parity check (default: the repository's example "
                         f"photo, {EXAMPLE_PHOTO}, and the same photo at {EXAMPLE_RESCALE}x)")
     p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
-    p.add_argument("--device", default="cpu", help="where the parity check runs both models: "
-                   "auto | cpu | cuda (the export itself is traced on the CPU)")
+    add_device_option(p, "cpu", "where the parity check runs both models (the export itself is traced on the CPU)")
     p.set_defaults(func=_run)

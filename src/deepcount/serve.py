@@ -67,7 +67,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cli import BATCH_SIZE_HELP, TILING_HELP, TILING_MODES, positive_int
+from .cli import BATCH_SIZE_HELP, TILING_HELP, TILING_MODES, add_device_option, add_model_option, positive_int
 
 STATIC_DIR = Path(__file__).parent / "static"
 MULTIPART_ALLOWANCE = 64 * 1024  # envelope bytes allowed on top of the image in a multipart body
@@ -540,8 +540,13 @@ def _url(host: str, port: int) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from .extras import MissingExtraError, require
 
+    try:
+        uvicorn, *_ = require("serve", "uvicorn", "fastapi", "multipart")
+    except MissingExtraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from .predict import Counter
 
     try:
@@ -592,8 +597,8 @@ def add_command(subparsers) -> None:
                                           "and a web page at /.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
-    p.add_argument("--model", default="default", help="registered model name or a .safetensors path")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_model_option(p)
+    add_device_option(p)
     p.add_argument("--tiling", default=None, choices=list(TILING_MODES),
                    help=TILING_HELP)
     p.add_argument("--batch-size", type=positive_int, default=None,

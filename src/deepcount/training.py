@@ -15,7 +15,7 @@ the ranks).  A run directory holds:
 - ``<name>.safetensors`` + ``<name>.json``: the inference network (backbone + ``export.branches``)
   of the best checkpoint, with a sidecar naming config, dataset, recipe, validation metrics,
   git commit and the file's sha256.  ``deepcount count --model runs/<name>/<name>.safetensors``
-  and ``deepcount evaluate --weights runs/<name>/<name>.safetensors`` read them.
+  and ``deepcount evaluate --model runs/<name>/<name>.safetensors`` read them.
 
 Resuming (``--resume last`` or a checkpoint path) restores the network, the optimizer, the
 learning-rate schedule, the step, the RNG states and the place in the epoch: every crop is
@@ -41,8 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
-from .datasets import (OUTSIDE_POLICIES, CrowdCrops, CrowdDataset, crop_batch, handle_points_outside, load_dataset,
-                       train_val_split, unreadable_images)
+from .datasets import (OUTSIDE_POLICIES, CrowdCrops, CrowdDataset, DataNotFoundError, crop_batch,
+                       handle_points_outside, load_dataset, train_val_split, unreadable_images)
 from .engines import default_batch_size, retain_cpu_memory
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .loss import BETA, OMEGA, csrnet_loss, official_loss, paper_loss
@@ -52,14 +52,13 @@ from .targets import GroundTruthCache, GroundTruthConfig
 from .tiling import count_tiles
 from .weights import load_vgg16_frontend, sha256_file
 
-try:  # the training extra: pip install 'deepcount[train]'
+try:  # the train extra (deepcount.extras)
     import lightning as L
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 except ImportError:  # pragma: no cover - exercised only without the extra
     L = None  # type: ignore[assignment]
     Callback = object  # type: ignore[assignment,misc]
 
-TRAIN_EXTRA_HINT = "training needs the train extra: pip install torch==2.13.0 'deepcount[train]'"
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -88,7 +87,7 @@ class DataConfig:
     """Training crops and the validation images."""
 
     dataset: str = "shb"  # sha | shb | mall | ucf_qnrf | jhu | nwpu | custom
-    root: str | None = None  # None: $DEEPCOUNT_DATA/<release folder>
+    root: str | None = None  # None: <release folder> in $DEEPCOUNT_DATA (unset: ../shared/data)
     split: str = "train"
     val_fraction: float = 0.1  # carved from `split` with a fixed seed (never the test split)
     limit: int | None = None  # use only the first N images of `split` (smoke runs)
@@ -892,8 +891,9 @@ def resolve_resume(cfg: TrainConfig) -> str | None:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run ``cfg``; returns where things went and the best validation metrics."""
-    if L is None:
-        raise ImportError(TRAIN_EXTRA_HINT)
+    from .extras import require
+
+    require("train")  # MissingExtraError (an ImportError) saying how to install it
     check_config(cfg)
     ckpt = resolve_resume(cfg)
     import warnings  # the crop_on_device hook lives on the module on purpose (it needs the images)
@@ -959,14 +959,18 @@ def parse_config(argv: Sequence[str]) -> TrainConfig:
 
 def main(argv: Sequence[str]) -> int:
     """``deepcount train ...``: 0 on success, 1 when training fails, 2 for a bad config."""
-    if L is None:
-        print(f"error: {TRAIN_EXTRA_HINT}", file=sys.stderr)
+    from .extras import MissingExtraError, require
+
+    try:
+        require("train")
+    except MissingExtraError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     cfg = parse_config(argv)
     try:
         check_config(cfg)
         result = train(cfg)
-    except ConfigError as e:
+    except (ConfigError, DataNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:

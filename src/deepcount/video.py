@@ -7,7 +7,7 @@
 >>> counts = count_video(counter, 0, max_frames=100)               # webcam 0
 >>> counts = count_video(counter, "rtsp://cam/stream", max_frames=100, output="annotated.mp4")
 
-All video I/O goes through OpenCV (``pip install 'deepcount[video]'``).  A source is a file, a
+All video I/O goes through OpenCV (the ``video`` extra, see :mod:`deepcount.extras`).  A source is a file, a
 webcam index (an int, or an all-digit string on the command line) or a stream URL (anything with
 ``://``: rtsp, http, ...).  Frames are converted from OpenCV's BGR to RGB before counting.
 
@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from .cli import BATCH_SIZE_HELP, TILING_HELP, TILING_MODES, positive_int
+from .cli import BATCH_SIZE_HELP, TILING_HELP, TILING_MODES, add_device_option, add_model_option, positive_int
 
 if TYPE_CHECKING:  # heavy imports stay out of ``deepcount --help``
     import numpy as np
@@ -82,11 +82,12 @@ class FrameCount:
 
 
 def _cv2():
+    from .extras import MissingExtraError, require
+
     try:
-        import cv2
-    except ImportError as e:  # an optional dependency
-        raise VideoError("deepcount video needs OpenCV: pip install 'deepcount[video]' "
-                         "(or opencv-python-headless)") from e
+        (cv2,) = require("video", "cv2")
+    except MissingExtraError as e:  # an optional dependency
+        raise VideoError(str(e)) from e
     return cv2
 
 
@@ -480,11 +481,11 @@ def add_command(subparsers) -> None:
     p.add_argument("--output", default=None, metavar="FILE.mp4",
                    help="also an annotated video (mp4v): the counted frames with the density map "
                         "and the count, at source fps / N; computes the map (slower)")
-    p.add_argument("--model", default="default", help="registered model name or a .safetensors path")
+    add_model_option(p)
     p.add_argument("--tiling", default=None, choices=list(TILING_MODES),
                    help=TILING_HELP)
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help=BATCH_SIZE_HELP)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_option(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
