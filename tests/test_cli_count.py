@@ -252,7 +252,6 @@ def test_cuda_without_cuda_exits_2(tree: Path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--device", "tpu"], "error: device must be one of auto, cpu, cuda or cuda:N, got 'tpu'"),
     (["--batch-size", "0"], "error: --batch-size must be at least 1, got 0"),
     (["--model", "csrnet-basline"], "error: cannot load model 'csrnet-basline': csrnet-basline: not a registered "
                                     "model (known: default, csrnet-baseline, deepcount-shb-cpu) nor an existing .safetensors file"),
@@ -266,6 +265,22 @@ def test_usage_model_and_device_errors_exit_2_without_counting(argv, message, tr
     assert code == 2 and out == ""
     assert err.splitlines()[-1].startswith(message)
     assert "model:" not in err  # nothing was loaded
+
+
+@pytest.mark.parametrize("command", [["count", "x.jpg"], ["evaluate"], ["video", "x.mp4"], ["serve"],
+                                     ["export", "--format", "onnx", "--output", "x.onnx"]])
+def test_every_command_spells_and_checks_device_and_model_alike(command, capsys):
+    from deepcount.cli import device_arg
+
+    assert [device_arg(d) for d in ("auto", "cpu", "cuda", "cuda:1")] == ["auto", "cpu", "cuda", "cuda:1"]
+    with pytest.raises(SystemExit) as e:  # a wrong device is a usage error before anything runs
+        main([*command, "--device", "tpu"])
+    assert e.value.code == 2
+    assert "argument --device: must be auto, cpu, cuda or cuda:N, got 'tpu'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([command[0], "--help"])
+    text = capsys.readouterr().out
+    assert "--model NAME|FILE" in text and "--device auto|cpu|cuda|cuda:N" in text
 
 
 def test_a_tampered_model_file_exits_2(small_file: Path, tree: Path, tmp_path: Path, monkeypatch, capsys):

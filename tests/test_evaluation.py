@@ -236,7 +236,7 @@ def small_weights(tmp_path_factory):
 
 def test_cli_evaluate_writes_json_markdown_and_csv(small_weights, shb_root, tmp_path, capsys):
     out = tmp_path / "eval"
-    rc = main(["evaluate", "--weights", str(small_weights), "--dataset", "shb", "--split", "test",
+    rc = main(["evaluate", "--model", str(small_weights), "--dataset", "shb", "--split", "test",
                "--root", str(shb_root), "--limit", "2", "--batch-size", "4", "--device", "cpu",
                "--out", str(out), "-q"])
     printed = capsys.readouterr().out
@@ -263,7 +263,7 @@ def test_cli_evaluate_writes_json_markdown_and_csv(small_weights, shb_root, tmp_
 
 def test_cli_blurred_grid_takes_the_training_ground_truth(small_weights, shb_root, tmp_path, capsys):
     out = tmp_path / "eval"
-    rc = main(["evaluate", "--weights", str(small_weights), "--root", str(shb_root), "--limit", "1",
+    rc = main(["evaluate", "--model", str(small_weights), "--root", str(shb_root), "--limit", "1",
                "--tiling", "grid", "--protocol", "blurred", "--branches", "none", "--device", "cpu",
                "--out", str(out), "-q"])
     assert rc == 0, capsys.readouterr().err
@@ -278,7 +278,7 @@ def test_cli_blurred_grid_takes_the_training_ground_truth(small_weights, shb_roo
     (["--sigma", "5"], "only apply to --protocol blurred"),
     (["--protocol", "blurred", "--kernel-size", "4"], "kernel_size must be a positive odd number"),
     (["--dataset", "mall", "--root", "/nonexistent/mall"], "cannot load dataset mall"),
-    (["--device", "tpu"], "device must be one of"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "asked for"),
 ])
 def test_cli_evaluate_errors(small_weights, tmp_path, capsys, args, message):
     rc = main(["evaluate", "--weights", str(small_weights), "--out", str(tmp_path / "x"), *args])
@@ -288,7 +288,7 @@ def test_cli_evaluate_errors(small_weights, tmp_path, capsys, args, message):
 
 
 def test_cli_evaluate_missing_weights(tmp_path, capsys):
-    assert main(["evaluate", "--weights", str(tmp_path / "none.safetensors")]) == 2
+    assert main(["evaluate", "--model", str(tmp_path / "none.safetensors")]) == 2
     assert "cannot load weights" in capsys.readouterr().err
 
 

