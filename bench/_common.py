@@ -25,16 +25,18 @@ if str(REPO / "src") not in sys.path:  # run from a checkout without `pip instal
 
 import torch  # noqa: E402
 
+from deepcount.datasets import DEFAULT_DATA  # noqa: E402
+
 NOT_MEASURED_NO_GPU = "not measured: no GPU"
 
 
-# Benchmarks read the real data beside the repository unless $DEEPCOUNT_DATA says otherwise
-# (set here so that deepcount.datasets.load_dataset(name, None, ...) finds it too).
-os.environ.setdefault("DEEPCOUNT_DATA", str(REPO.parent / "shared" / "data"))
+# deepcount.datasets.data_root's rule ($DEEPCOUNT_DATA, else ../shared/data) with ../ taken from
+# the repository root, set here so that load_dataset(name, None, ...) finds it from any folder
+os.environ["DEEPCOUNT_DATA"] = os.environ.get("DEEPCOUNT_DATA") or str(REPO / DEFAULT_DATA)
 
 
 def data_root() -> Path:
-    """Where the datasets are: $DEEPCOUNT_DATA (default ../shared/data beside the repository)."""
+    """Where the datasets are (see above)."""
     return Path(os.environ["DEEPCOUNT_DATA"])
 
 

@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from deepcount.datasets import DEFAULT_DATA
+
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("DEEPCOUNT_DATA", REPO.parent / "shared" / "data"))
-# what deepcount.datasets.dataset_root (load_dataset(name, None, ...), the commands) reads
+# deepcount.datasets.data_root's rule ($DEEPCOUNT_DATA, else ../shared/data), with ../ taken
+# from the repository root whatever folder pytest runs from; set for the commands tests run
+DATA = Path(os.environ.get("DEEPCOUNT_DATA") or REPO / DEFAULT_DATA)
 os.environ["DEEPCOUNT_DATA"] = str(DATA)
 
 

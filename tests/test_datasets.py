@@ -390,13 +390,23 @@ def test_train_val_split(sht):
         train_val_split(sht["B", "test"])
 
 
-def test_dataset_root_comes_from_the_caller_or_deepcount_data(monkeypatch, data_root):
-    from deepcount.datasets import dataset_root, load_dataset
+def test_dataset_root_comes_from_the_caller_or_deepcount_data(monkeypatch, data_root, tmp_path):
+    from deepcount.datasets import DataNotFoundError, dataset_root, load_dataset
 
     monkeypatch.setenv("DEEPCOUNT_DATA", str(data_root))
     assert dataset_root("shb") == data_root / "ShanghaiTech"
     assert len(load_dataset("mall", None, "test")) == 1200
     monkeypatch.delenv("DEEPCOUNT_DATA")
     assert dataset_root("shb", data_root / "ShanghaiTech") == data_root / "ShanghaiTech"
-    with pytest.raises(FileNotFoundError, match="DEEPCOUNT_DATA"):
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "data").symlink_to(data_root)
+    (tmp_path / "checkout").mkdir()
+    monkeypatch.chdir(tmp_path / "checkout")  # unset: ../shared/data from the current folder
+    assert dataset_root("shb").resolve() == (data_root / "ShanghaiTech").resolve()
+    (tmp_path / "elsewhere" / "folder").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "elsewhere" / "folder")
+    with pytest.raises(DataNotFoundError, match=r"not found at \.\./shared/data/ShanghaiTech: .*DEEPCOUNT_DATA"):
         load_dataset("shb", None, "test")
+    monkeypatch.setenv("DEEPCOUNT_DATA", str(data_root / "nowhere"))
+    with pytest.raises(DataNotFoundError, match="nowhere"):
+        dataset_root("mall")

@@ -8,6 +8,7 @@ is set, where it fails: CI must run it.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -99,7 +100,10 @@ def test_upload_shows_the_count_and_the_overlay(driver, server, crop_file, count
     assert not error.is_displayed(), error.text
     count = driver.find_element(By.ID, "count")
     shown = count.text.strip()
-    assert shown == f"{expected:.1f}", (shown, expected)  # to the displayed precision
+    n = math.floor(expected + 0.5)  # JavaScript's Math.round
+    prose = "almost no one" if n == 0 else "about 1 person" if n == 1 else f"about {n:,} people"
+    assert shown == prose, (shown, expected)  # rounded in prose, as a person says it ...
+    assert f"Exact count {expected:.2f};" in driver.find_element(By.ID, "details").text  # ... exact beside
     assert float(count.get_attribute("data-count")) == expected  # and the full value, exactly
 
     overlay = driver.find_element(By.ID, "overlay")

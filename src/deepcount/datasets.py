@@ -5,7 +5,8 @@ Every reader returns a :class:`CrowdDataset`: a named, ordered list of :class:`A
 0-based pixel coordinates: pixel ``(row i, column j)`` has its centre at ``x=j, y=i``.
 MATLAB annotations (ShanghaiTech, Mall, UCF-QNRF) are 1-based and are converted in exactly one
 place, :func:`from_matlab`. The readers take their roots from the caller; :func:`dataset_root`
-gives the conventional one (``$DEEPCOUNT_DATA/<release folder>``) for commands and configs.
+gives the conventional one (``$DEEPCOUNT_DATA/<release folder>``, ``$DEEPCOUNT_DATA`` defaulting to
+``../shared/data``) for commands, configs, tests and benches.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ __all__ = [
     "SPLITS",
     "custom",
     "dataset_root",
+    "data_root",
+    "DataNotFoundError",
     "from_matlab",
     "jhu_crowd",
     "load_dataset",
@@ -559,23 +562,45 @@ RELEASE_FOLDERS: dict[str, str] = {
 }
 
 
-def dataset_root(name: str, root: str | Path | None = None) -> Path:
-    """Where dataset ``name`` lives: ``root`` as given when it exists (or is absolute), else
-    ``root`` (default: the release's folder name) under ``$DEEPCOUNT_DATA``."""
+# The one rule for where datasets are (commands, configs, tests and benches): the folder
+# $DEEPCOUNT_DATA names, or ../shared/data (from the current folder) when it is unset; each
+# dataset sits there in its release folder (RELEASE_FOLDERS) unless a root is given.
+DATA_ENV = "DEEPCOUNT_DATA"
+DEFAULT_DATA = Path("..") / "shared" / "data"
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A dataset's folder is not where the rule above (or the caller's root) says."""
+
+
+def data_root() -> Path:
+    """The folder that holds the datasets' release folders: ``$DEEPCOUNT_DATA``, else
+    ``../shared/data`` from the current folder."""
     import os
 
+    return Path(os.environ.get(DATA_ENV) or DEFAULT_DATA)
+
+
+def dataset_root(name: str, root: str | Path | None = None) -> Path:
+    """Where dataset ``name`` lives: ``root`` as given when it exists (or is absolute), else
+    ``root`` (default: the release's folder name) under :func:`data_root`; a
+    :class:`DataNotFoundError` (one line: where it looked, how to say where) if that is no folder."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {sorted(DATASETS)}")
-    if root is not None and (Path(root).is_absolute() or Path(root).exists()):
+    if root is not None and Path(root).is_absolute():
+        path = Path(root)
+    elif root is not None and Path(root).exists():
         return Path(root)
-    if root is None and name not in RELEASE_FOLDERS:
+    elif root is None and name not in RELEASE_FOLDERS:
         raise ValueError(f"dataset {name!r} has no conventional folder: give its root")
-    base = os.environ.get("DEEPCOUNT_DATA")
-    if not base:
-        raise FileNotFoundError(
-            f"where is {name!r}? pass its folder (root / --root / --data.root) or set DEEPCOUNT_DATA "
-            f"to the folder that holds {root if root is not None else RELEASE_FOLDERS[name]}/")
-    return Path(base) / (root if root is not None else RELEASE_FOLDERS[name])
+    else:
+        path = data_root() / (root if root is not None else RELEASE_FOLDERS[name])
+    if not path.is_dir():
+        raise DataNotFoundError(
+            f"dataset {name!r} not found at {path}: give its folder (--root, --data.root) or set "
+            f"{DATA_ENV} to the folder that holds {RELEASE_FOLDERS.get(name, 'it')}/ "
+            f"(unset, it is {DEFAULT_DATA} from the current folder)")
+    return path
 
 
 def load_dataset(name: str, root: str | Path | None, split: str) -> CrowdDataset:

@@ -4,6 +4,12 @@
 (function () {
   const $ = (id) => document.getElementById(id);
   const form = $("form"), file = $("file"), submit = $("submit"), status = $("status");
+  // A count in prose, as a person says it: "about 89 people" (the exact figure is in the details
+  // line and the JSON).
+  const aboutPeople = (c) => {
+    const n = Math.round(c);
+    return n === 0 ? "almost no one" : n === 1 ? "about 1 person" : `about ${n.toLocaleString("en")} people`;
+  };
   const error = $("error"), result = $("result"), count = $("count"), overlay = $("overlay");
 
   function showError(text) {
@@ -50,8 +56,9 @@
         return;
       }
       count.dataset.count = String(data.count);
-      count.textContent = data.count.toFixed(1);
+      count.textContent = aboutPeople(data.count);
       $("details").textContent =
+        `Exact count ${data.count.toFixed(2)}; ` +
         `${data.width}\u00d7${data.height} pixels, ${data.tiles} tile${data.tiles === 1 ? "" : "s"}, ` +
         `${data.seconds.toFixed(2)} s (${data.tiling} tiling)`;
       $("model").textContent = `Model: ${data.description}`;
