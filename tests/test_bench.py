@@ -165,3 +165,9 @@ def test_phantom_counts_smoke(tmp_path):
         assert pictures["grey strip 1x5000"]["tiles"] == 10 and pictures["grey 1x1"]["tiles"] == 1
         for r in pictures.values():  # counts are clamped at 0 per tile: never below the raw sum, never < 0
             assert r["count"] >= 0 and r["count"] >= r["unclamped"] - 1e-9
+
+
+def test_region_counts_smoke(tmp_path):
+    d = bench("region_counts", tmp_path)
+    assert d["images"] == 2 and d["regions"] == 4
+    assert set(d["mae"]) == {"map", "scaled"} and all(math.isfinite(v) and v >= 0 for v in d["mae"].values())

@@ -258,6 +258,11 @@ def test_torchscript_parity_and_metadata(small, tiles, tmp_path, img_small):
     assert meta["architecture"]["branches"] == [1] and meta["architecture"]["width"] == 0.125
     assert meta["outputs"] == {"count": ["N"], "density": ["N", 1, 48, 64]}
     assert meta["exporter"].startswith("torch.jit.trace")
+    # counting with it is refused without running it, saying how to count with what it came from
+    rc, out, err = run_cli("count", "--model", tmp_path / "tiny.pt", img_small)
+    assert rc == 2 and out == ""
+    assert "a TorchScript file written by `deepcount export` from 'tiny'" in err
+    assert "--model tiny, or its .safetensors file" in err and "--format onnx" in err
 
 
 def test_onnx_counter_density_and_missing_branch(small, small_count_onnx, small_density_onnx, img1):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import queue
 import socket
@@ -145,14 +146,33 @@ def test_density_png_is_the_overlay_at_photo_size(client, crop_jpeg, counter, re
     png = base64.b64decode(body["density_png"], validate=True)
     with Image.open(io.BytesIO(png)) as im:
         assert im.format == "PNG"
-        assert im.size == (512, 384)  # the photo's size (width, height)
+        assert im.size[1] == 384 and im.size[0] > 512  # the photo's size, then its colour bar
         got = np.asarray(im.convert("RGB"))
     direct = counter.count(crop_jpeg, density=1)
     expected = overlay(load_image(crop_jpeg), direct.density, direct.count)
     assert np.array_equal(got, expected)
     # and it is not just the photo: the heat map changed pixels well away from the label
     photo = load_image(crop_jpeg).astype(int)
-    assert np.abs(got[100:].astype(int) - photo[100:]).mean() > 1.0
+    assert np.abs(got[100:, :512].astype(int) - photo[100:]).mean() > 1.0
+
+
+def test_regions_are_counted_as_counter_counts_them(client, crop_jpeg, counter):
+    zones = {"left": [[0, 0], [256, 0], [256, 384], [0, 384]], "corner": [[300, 200], [512, 200], [512, 384]]}
+    r = post(client, crop_jpeg, params={"region": json.dumps(zones), "density": "1"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    from deepcount.regions import parse_regions
+
+    direct = counter.count(crop_jpeg, regions=parse_regions(json.dumps(zones)))
+    assert body["count"] == direct.count
+    assert body["regions"].keys() == zones.keys()
+    for name in zones:
+        assert body["regions"][name] == pytest.approx(direct.regions[name], rel=1e-9)
+    png = base64.b64decode(body["density_png"], validate=True)
+    with Image.open(io.BytesIO(png)) as im:
+        assert (np.asarray(im.convert("RGB"))[:, :512] == (0, 255, 255)).all(-1).sum() > 300  # outlined
+    bad = post(client, crop_jpeg, params={"region": "[[0, 0], [1, 1]]"})
+    assert bad.status_code == 422 and "region: " in bad.json()["detail"]
 
 
 def test_openapi_schema(client):

@@ -4,6 +4,7 @@ surveillance camera) written to an mp4v file at 10 fps."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 import subprocess
 import sys
@@ -219,3 +220,27 @@ def test_sources_and_stems():
     assert source_stem(0) == "camera0"
     assert source_stem("rtsp://10.0.0.5:554/live/cam1.sdp") == "cam1"
     assert source_stem("http://example.org/") == "example.org"
+
+
+def test_regions_over_time(counter: Counter, mall_video, tmp_path, capsys):
+    """`video --region`: a column per region in the CSV, each the region count of that frame as
+    Counter.count gives it, and a usage error for a bad region file."""
+    zones = {"entrance": [[0, 0], [320, 0], [320, 480], [0, 480]], "fountain": [[200, 150], [450, 150], [450, 400]]}
+    (tmp_path / "zones.json").write_text(json.dumps(zones))
+    rc = main(["video", str(mall_video), "--model", "csrnet-baseline", "--every", "6", "--region",
+               str(tmp_path / "zones.json"), "--out", str(tmp_path), "--plot", str(tmp_path / "plot.png"),
+               "--device", "cpu", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    with open(tmp_path / "mall_counts.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["frame", "time_s", "count", "region:entrance", "region:fountain"]
+    frames = decoded_frames(mall_video)
+    for row in rows:
+        got = counter.count(frames[int(row["frame"])], regions=tmp_path / "zones.json")
+        assert float(row["count"]) == pytest.approx(got.count, abs=1e-3)
+        for name in zones:
+            assert float(row[f"region:{name}"]) == pytest.approx(got.regions[name]["scaled"], abs=1e-3)
+        assert 0 < float(row["region:fountain"]) < float(row["region:entrance"]) < float(row["count"])
+    (tmp_path / "bad.json").write_text('{"a": [[0, 0]]}')
+    assert main(["video", str(mall_video), "--region", str(tmp_path / "bad.json")]) == 2
+    assert "error: --region:" in capsys.readouterr().err

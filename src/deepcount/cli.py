@@ -60,9 +60,13 @@ def add_model_option(p: argparse.ArgumentParser) -> None:
 
 # --tiling of count, evaluate, video and serve (deepcount.tiling.MODES, without importing torch)
 TILING_MODES = ("pad", "grid", "features")
-TILING_HELP = ("pad: keep scale, pad to whole 384x512 tiles; grid: resize to a grid of tiles (authors' "
-               "code); features: the frontend over the whole image, the rest on 48x64 tiles of its "
-               "features (how frozen-frontend models are trained); default: the model's own")
+TILING_HELP = ("default: the model's own (its sidecar; `deepcount models` shows it), which is what it "
+               "was measured with. pad: keep the scale, pad to whole 384x512 tiles. grid: resize to a "
+               "grid of tiles (the authors' code); on frames much smaller than 2x2 tiles it is the "
+               "fastest (a 640x480 frame: 1 tile instead of pad's 4, mostly padding) but changes the "
+               "scale people appear at. features: the frontend over the whole image, the rest on "
+               "48x64 tiles of its features (how frozen-frontend models are trained): no seams, no "
+               "frontend work on padding")
 
 
 # ----------------------------------------------------------------------------- count
@@ -325,6 +329,7 @@ def _count_images(args: argparse.Namespace) -> int:
 
     from .images import ImageLoadError
     from .predict import Counter, resolve_device
+    from .regions import RegionError, load_regions
 
     def fail(message: str) -> int:
         print(f"error: {message}", file=sys.stderr)
@@ -334,8 +339,14 @@ def _count_images(args: argparse.Namespace) -> int:
         return fail(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.max_pixels < 0:
         return fail(f"--max-pixels must be 0 (no limit) or more, got {args.max_pixels}")
+    if args.side_by_side and args.density is None:
+        return fail("--side-by-side draws the --density pictures: give --density DIR too")
     if args.density is not None:
         from matplotlib import colormaps
+
+        from .pictures import DEFAULT_CMAP
+
+        args.cmap = args.cmap or DEFAULT_CMAP
 
         if args.cmap not in colormaps:
             return fail(f"--cmap {args.cmap!r} is not a matplotlib colormap "
@@ -344,6 +355,12 @@ def _count_images(args: argparse.Namespace) -> int:
         resolve_device(args.device)
     except ValueError as e:
         return fail(str(e))
+    regions = None
+    if args.region is not None:
+        try:
+            regions = load_regions(args.region)
+        except RegionError as e:
+            return fail(f"--region: {e}")
 
     for what, path in (("csv", args.csv), ("json", args.json)):  # checked, not touched, before the model
         if path is not None:
@@ -361,8 +378,8 @@ def _count_images(args: argparse.Namespace) -> int:
         return fail(f"cannot load model {args.model!r}: {text}")
     print(f"model: {counter.description}", file=sys.stderr)
     density_dir = Path(args.density) if args.density is not None else None
-    if density_dir is not None and counter.picture_branch is None:
-        return fail(f"model {counter.name} has no density map for --density")
+    if (density_dir is not None or regions is not None) and counter.picture_branch is None:
+        return fail(f"model {counter.name} has no density map for --{'density' if density_dir else 'region'}")
 
     items = expand_paths(args.paths)
     for it in items:
@@ -396,7 +413,8 @@ def _count_images(args: argparse.Namespace) -> int:
             outputs[what] = stack.enter_context(handle)
         writer = None
         if "csv" in outputs:
-            fields = ROW_FIELDS + (("density",) if density_dir is not None else ())
+            fields = ROW_FIELDS + (("density",) if density_dir is not None else ()) + tuple(
+                f"region:{r.name}" for r in regions or ())
             writer = csv.DictWriter(outputs["csv"], fieldnames=fields, extrasaction="ignore")
             writer.writeheader()
 
@@ -424,9 +442,11 @@ def _count_images(args: argparse.Namespace) -> int:
                     try:
                         image = counter.read(it.path)  # decoded once, for the count and the picture
                         res = counter.count(image, density=counter.picture_branch if density_dir is not None
-                                            else None)
+                                            else None, regions=regions)
                     except ImageLoadError as e:
                         row["error"] = _cli_reason(e.reason)
+                    except RegionError as e:  # a mask of another size than this image
+                        row["error"] = str(e)
                     except (MemoryError, RuntimeError) as e:
                         if not _out_of_memory(e):
                             raise
@@ -435,13 +455,21 @@ def _count_images(args: argparse.Namespace) -> int:
                     else:
                         row.update(count=res.count, height=res.image_size[0], width=res.image_size[1],
                                    tiles=res.tiles, seconds=round(res.seconds, 3), status="ok")
+                        if res.regions is not None:
+                            row["regions"] = res.regions
+                            row.update({f"region:{k}": v["scaled"] for k, v in res.regions.items()})
                         if density_dir is not None:
                             from .pictures import overlay, save_png
 
                             target = density_dir / pngs[it.path]
                             try:
                                 picture = overlay(image, res.density, res.count, args.cmap,
-                                                  label=f"count {_fmt_count(res.count)} ({counter.name})")
+                                                  label=f"count {_fmt_count(res.count)} ({counter.name})",
+                                                  side_by_side=args.side_by_side)
+                                if regions is not None:
+                                    from .regions import draw_regions
+
+                                    picture = draw_regions(picture, regions, res.regions)
                                 save_png(picture, target)
                                 row["density"] = str(target)
                             except (OSError, ImageLoadError) as e:
@@ -452,8 +480,9 @@ def _count_images(args: argparse.Namespace) -> int:
                     total += res.count
                     tiles += res.tiles
                     seconds += res.seconds
+                    inside = "".join(f"  {k}: {_fmt_count(v['scaled'])}" for k, v in (res.regions or {}).items())
                     line(f"{it.label:<{width}}  {_fmt_count(res.count):>9}  {res.tiles:>5}  "
-                         f"{f'{res.image_size[0]}x{res.image_size[1]}':>11}  {res.seconds:>7.1f}")
+                         f"{f'{res.image_size[0]}x{res.image_size[1]}':>11}  {res.seconds:>7.1f}{inside}")
                 else:
                     failed += 1
                     tqdm.write(f"error: {it.label}: {row['error']}", file=sys.stderr)
@@ -512,9 +541,9 @@ def _models(args: argparse.Namespace) -> int:
     def size(row: dict) -> str:
         return f"{row['size'] / 1e6:.0f} MB" if row["size"] is not None else "-"
 
-    table = [("name", "trained on", "test (full sets, points)", "size", "here")]
-    table += [(r["name"] + (" (default)" if r["default"] else ""), r["dataset"], test(r), size(r), r["where"])
-              for r in rows]
+    table = [("name", "trained on", "test (full sets, points)", "tiling", "size", "here")]
+    table += [(r["name"] + (" (default)" if r["default"] else ""), r["dataset"], test(r), r["tiling"], size(r),
+               r["where"]) for r in rows]
     widths = [max(len(t[i]) for t in table) for i in range(len(table[0]))]
     for t in table:
         print("  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip())
@@ -552,9 +581,17 @@ def main(argv: list[str] | None = None) -> int:
                                                  "tiles, seconds, status, error)")
     p.add_argument("--json", metavar="FILE", help="write the same rows, with the model, as JSON")
     p.add_argument("--density", metavar="DIR",
-                   help="write <image stem>.density.png per image into DIR: the model's finest "
-                        "density map over the photo, count in the corner")
-    p.add_argument("--cmap", default="jet", help="matplotlib colormap for --density (default: %(default)s)")
+                   help="write <image stem>.density.png per image into DIR: the model's density map "
+                        "over the photo (colour and opacity follow it; the photo is unchanged where "
+                        "nobody is), a colour bar in people per map cell, the count in the corner")
+    p.add_argument("--region", metavar="FILE",
+                   help="also count inside regions: a JSON polygon file ([[x, y], ...] in image pixels, "
+                        "or {\"name\": [[x, y], ...], ...}) or a mask image (non-zero inside); from the "
+                        "density map, scaled to the count (README: Counting inside a region)")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="with --density: the photo and the map alone next to each other instead")
+    p.add_argument("--cmap", default=None,
+                   help="matplotlib colormap for --density (default: inferno, perceptually ordered)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_count)
 
@@ -584,7 +621,12 @@ def main(argv: list[str] | None = None) -> int:
         module.add_command(sub)
 
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # whoever read stdout went away (`deepcount models | head -3`)
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1
 
 
 if __name__ == "__main__":

@@ -163,12 +163,17 @@ class CountResult:
     seconds: float
     density: DensityMap | None = None
     tile_counts: list[float] = field(default_factory=list)
+    # counting inside regions (deepcount.regions): per region name, "scaled" (its share of the
+    # density map times ``count``: the region's count) and "map" (the map summed inside it)
+    regions: dict[str, dict[str, float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {"source": self.source, "count": self.count, "height": self.image_size[0],
                "width": self.image_size[1], "tiles": self.tiles, "seconds": self.seconds}
         if self.density is not None:
             out["density_shape"] = list(self.density.values.shape)
+        if self.regions is not None:
+            out["regions"] = self.regions
         return out
 
 
@@ -291,8 +296,8 @@ class Counter:
         branches = self.density_branches
         return min(branches) if branches else None
 
-    def count(self, images: Any, density: int | str | None = None, deadline: float | None = None
-              ) -> CountResult | list[CountResult]:
+    def count(self, images: Any, density: int | str | None = None, deadline: float | None = None,
+              regions: Any = None) -> CountResult | list[CountResult]:
         """Count one image or a list (or tuple) of them, of any sizes (a list gives a list).
 
         An image is a path (``str`` / ``os.PathLike``), encoded bytes, a binary file object,
@@ -303,14 +308,25 @@ class Counter:
         only the backbone runs.  An unusable image raises ``ImageLoadError`` naming it.
         ``deadline`` (a ``time.monotonic()`` value): past it, counting stops before its next
         batch of tiles with ``deepcount.tiling.CountTimeout`` (a ``TimeoutError``).
+        ``regions`` (a region file's path, a :class:`deepcount.regions.Region` or a list of them)
+        also counts inside each, from the density map (``density``'s branch, else the model's
+        finest): ``result.regions[name]["scaled"]`` is the region's count.
         """
         branch = parse_density(density)
+        if regions is not None:
+            from .regions import Region, load_regions
+
+            regions = ([regions] if isinstance(regions, Region) else
+                       load_regions(regions) if isinstance(regions, (str, os.PathLike)) else list(regions))
+            branch = branch if branch is not None else self.picture_branch
+            if branch is None:
+                raise ValueError(f"model {self.name} has no density map to count regions with")
         if branch is not None and branch not in self.density_branches:
             raise ValueError(f"model {self.name} has no density branch {branch}; "
                              f"available: {self.density_branches}")
         if isinstance(images, (list, tuple)):
-            return [self._count_one(im, branch, deadline) for im in images]
-        return self._count_one(images, branch, deadline)
+            return [self._count_one(im, branch, deadline, regions) for im in images]
+        return self._count_one(images, branch, deadline, regions)
 
     def read(self, source: Any) -> np.ndarray:
         """The (H, W, 3) uint8 RGB array ``count`` would see for ``source`` (upright, alpha
@@ -326,13 +342,19 @@ class Counter:
                 raise ImageLoadError(label, e.reason) from e
         return load_image(source, max_pixels=self.max_pixels)
 
-    def _count_one(self, source: Any, branch: int | None, deadline: float | None = None) -> CountResult:
+    def _count_one(self, source: Any, branch: int | None, deadline: float | None = None,
+                   regions: list | None = None) -> CountResult:
         start = time.perf_counter()
         image = self.read(source)
         total, dmap, per_tile = count_tiles(self.runner, image, self.tiling, self.batch_size,
                                             branch, self.device, deadline=deadline)
+        inside = None
+        if regions is not None:
+            from .regions import region_counts
+
+            inside = region_counts(dmap, regions, total)
         return CountResult(_label(source), total, tuple(image.shape[:2]), len(per_tile),
-                           time.perf_counter() - start, dmap, per_tile)
+                           time.perf_counter() - start, dmap, per_tile, inside)
 
     def __repr__(self) -> str:
         level = f", level={self.level!r}" if self.level else ""

@@ -7,8 +7,8 @@ Endpoints
     ``application/octet-stream`` body).  Answers JSON ``{count, tiles, height, width,
     seconds, model, description, tiling, device}``; ``seconds`` is the model's own time
     (decoding excluded, queueing excluded).  ``?density=1`` adds ``density_png``: a base64
-    PNG of branch 1's density map blended over the photo (:func:`deepcount.pictures.overlay`),
-    the photo's size.  ``?density=1&format=png`` answers that PNG itself (``image/png``), with
+    PNG of the counter's finest density map over the photo (:func:`deepcount.pictures.overlay`):
+    the photo's size, and its colour bar to the right.  ``?density=1&format=png`` answers that PNG itself (``image/png``), with
     the count in the ``X-Count`` header.
 ``GET /healthz``
     ``{"status": "ok", "model": ..., "device": ..., "counting": n, "waiting": n}``.
@@ -252,7 +252,7 @@ class _Service:
 
     # -- the work done in a worker thread
     def work(self, data: bytes, density: bool, as_png: bool = False,
-             deadline: float | None = None) -> tuple[dict, bytes | None]:
+             deadline: float | None = None, regions: list | None = None) -> tuple[dict, bytes | None]:
         """Decode, count and (``density``) draw the overlay: all of the heavy lifting, so
         that it runs here, in a worker thread, and never on the event loop.  ``deadline``
         (``time.monotonic()``): the counting stops there, within a batch of tiles."""
@@ -262,11 +262,23 @@ class _Service:
         image = load_image(data, max_pixels=self.settings.max_pixels)
         # Counting the decoded array is exactly Counter.count(data): that is what it does first.
         extra = {"deadline": deadline} if self._deadline and deadline is not None else {}
-        result = self.counter.count(image, density=_picture_branch(self.counter) if density else None, **extra)
+        if regions is not None:
+            extra["regions"] = regions
+        result = self.counter.count(image, density=_picture_branch(self.counter) if density or regions else None,
+                                    **extra)
         height, width = result.image_size
         out = {"count": float(result.count), "tiles": int(result.tiles), "height": int(height),
                "width": int(width), "seconds": float(result.seconds)}
-        png = png_bytes(overlay(image, result.density, result.count)) if density else None
+        if result.regions is not None:
+            out["regions"] = result.regions
+        png = None
+        if density:
+            picture = overlay(image, result.density, result.count)
+            if regions is not None:
+                from .regions import draw_regions
+
+                picture = draw_regions(picture, regions, result.regions)
+            png = png_bytes(picture)
         if png is not None and not as_png:
             out["density_png"] = base64.b64encode(png).decode("ascii")
             png = None
@@ -376,6 +388,8 @@ def create_app(counter: Any, settings: ServeSettings | None = None):
         "image/*": {"schema": {"type": "string", "format": "binary"}}}}})
     async def count(request: Request,
                     density: str | None = Query(None, description="1: add the density overlay"),
+                    region: str | None = Query(None, description="count inside polygons too: JSON, "
+                                               '[[x, y], ...] in image pixels or {"name": [[x, y], ...], ...}'),
                     format: str = Query("json", pattern="^(json|png)$",
                                         description="png: answer the overlay PNG itself")):
         """Count the people in one photo."""
@@ -386,6 +400,16 @@ def create_app(counter: Any, settings: ServeSettings | None = None):
         branches = getattr(service.counter, "density_branches", None)
         if want_density and branches is not None and not branches:
             raise HTTPException(400, f"model {service.name} gives no density map; ask without density=1")
+        regions = None
+        if region is not None:
+            from .regions import RegionError, parse_regions
+
+            try:
+                regions = parse_regions(region)
+            except RegionError as e:
+                raise HTTPException(422, f"region: {e}") from None
+            if branches is not None and not branches:
+                raise HTTPException(400, f"model {service.name} gives no density map to count regions with")
 
         length = request.headers.get("content-length")
         if length is not None:
@@ -443,7 +467,7 @@ def create_app(counter: Any, settings: ServeSettings | None = None):
             try:
                 stop = time.monotonic() + max(0.0, deadline - loop.time())  # the work ends with the request
                 fut = loop.run_in_executor(service.executor, service.work, data, want_density,
-                                           format == "png", stop)
+                                           format == "png", stop, regions)
             except BaseException:
                 gate.release()
                 raise

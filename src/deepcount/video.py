@@ -79,6 +79,7 @@ class FrameCount:
     frame: int
     time_s: float
     count: float
+    regions: dict[str, float] | None = None  # per region: its count (deepcount.regions, "scaled")
 
 
 def _cv2():
@@ -213,7 +214,7 @@ class VideoRun:
 
     def __init__(self, counter: Counter, source: Any, every: int = 1, max_frames: int | None = None,
                  output: str | os.PathLike | None = None, progress: bool = True,
-                 density: int | str | None = None):
+                 density: int | str | None = None, regions: Any = None):
         if int(every) < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         if max_frames is not None and int(max_frames) < 1:
@@ -224,7 +225,13 @@ class VideoRun:
         self.max_frames = None if max_frames is None else int(max_frames)
         self.output = Path(output) if output is not None else None
         self.progress = progress
-        self.branch = self._density_branch(density) if self.output is not None else None
+        if regions is not None:  # a region file, a Region or a list of them (deepcount.regions)
+            from .regions import Region, load_regions
+
+            regions = ([regions] if isinstance(regions, Region) else
+                       load_regions(regions) if isinstance(regions, (str, os.PathLike)) else list(regions))
+        self.regions = regions
+        self.branch = self._density_branch(density) if self.output is not None or regions is not None else None
         if isinstance(source, cv2.VideoCapture):
             self.source, self.name, self._cap, self._owns_cap = "<capture>", "<capture>", source, False
             if not source.isOpened():
@@ -280,8 +287,9 @@ class VideoRun:
                 rgb = _to_rgb(cv2, frame)
                 if self.frame_size is None:
                     self.frame_size = rgb.shape[:2]
-                result = self.counter.count(rgb, density=self.branch)
-                item = FrameCount(index, index / self.fps, result.count)
+                result = self.counter.count(rgb, density=self.branch, regions=self.regions)
+                inside = None if result.regions is None else {k: v["scaled"] for k, v in result.regions.items()}
+                item = FrameCount(index, index / self.fps, result.count, inside)
                 if self.output is not None:
                     self._write(cv2, rgb, result, item)
                 self.counts.append(item)
@@ -295,8 +303,12 @@ class VideoRun:
     def _write(self, cv2, rgb: np.ndarray, result, item: FrameCount) -> None:
         from .pictures import overlay
 
-        picture = overlay(rgb, result.density, result.count,
+        picture = overlay(rgb, result.density, result.count, scale=False,  # frames keep the source's size
                           label=f"count {item.count:.1f}   {item.time_s:.1f} s")
+        if self.regions is not None:
+            from .regions import draw_regions
+
+            picture = draw_regions(picture, self.regions, result.regions)
         bgr = cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)
         if self._writer is None:
             height, width = bgr.shape[:2]
@@ -340,12 +352,13 @@ def _to_rgb(cv2, frame: np.ndarray) -> np.ndarray:
 
 def count_video(counter: Counter, source: Any, every: int = 1, max_frames: int | None = None,
                 output: str | os.PathLike | None = None, progress: bool = True,
-                density: int | str | None = None) -> list[FrameCount]:
+                density: int | str | None = None, regions: Any = None) -> list[FrameCount]:
     """Count every ``every``-th frame of a video file, webcam index or stream URL (up to
-    ``max_frames`` counted frames), optionally writing an annotated video to ``output``.
+    ``max_frames`` counted frames), optionally writing an annotated video to ``output`` and
+    counting inside ``regions`` too (a region file or :class:`deepcount.regions.Region` list).
     See :class:`VideoRun` for the details; raises :class:`VideoSourceError` /
     :class:`VideoOutputError`."""
-    with VideoRun(counter, source, every, max_frames, output, progress, density) as run:
+    with VideoRun(counter, source, every, max_frames, output, progress, density, regions) as run:
         for _ in run:
             pass
         return run.counts
@@ -353,14 +366,16 @@ def count_video(counter: Counter, source: Any, every: int = 1, max_frames: int |
 
 # ----------------------------------------------------------------------------- files
 def write_csv(counts: list[FrameCount], path: str | os.PathLike) -> None:
-    """``frame,time_s,count`` rows, one per counted frame."""
+    """``frame,time_s,count`` rows, one per counted frame, and a ``region:<name>`` column per
+    region when regions were counted."""
     import csv
 
+    names = list(counts[0].regions) if counts and counts[0].regions else []
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["frame", "time_s", "count"])
+        w.writerow(["frame", "time_s", "count", *(f"region:{n}" for n in names)])
         for c in counts:
-            w.writerow([c.frame, f"{c.time_s:.3f}", f"{c.count:.3f}"])
+            w.writerow([c.frame, f"{c.time_s:.3f}", f"{c.count:.3f}", *(f"{c.regions[n]:.3f}" for n in names)])
 
 
 def write_plot(counts: list[FrameCount], path: str | os.PathLike, title: str) -> None:
@@ -371,8 +386,14 @@ def write_plot(counts: list[FrameCount], path: str | os.PathLike, title: str) ->
     fig = Figure(figsize=(8, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.plot([c.time_s for c in counts], [c.count for c in counts],
-            marker="o" if len(counts) <= 60 else None, markersize=4, linewidth=1.5)
+    marker = "o" if len(counts) <= 60 else None
+    ax.plot([c.time_s for c in counts], [c.count for c in counts], marker=marker, markersize=4, linewidth=1.5,
+            label="whole frame")
+    for name in (counts[0].regions or {}) if counts else ():
+        ax.plot([c.time_s for c in counts], [c.regions[name] for c in counts], marker=marker, markersize=3,
+                linewidth=1.2, label=f"region {name}")
+    if counts and counts[0].regions:
+        ax.legend(loc="best", fontsize="small")
     ax.set_xlabel("time (s)")
     ax.set_ylabel("count")
     ax.set_title(title)
@@ -392,6 +413,7 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def _run(args: argparse.Namespace) -> int:
     from .predict import Counter
+    from .regions import RegionError, load_regions
 
     def fail(message: str) -> int:
         print(f"error: {message}", file=sys.stderr)
@@ -401,6 +423,12 @@ def _run(args: argparse.Namespace) -> int:
         source = parse_source(args.source)
     except (TypeError, ValueError) as e:
         return fail(str(e))
+    regions = None
+    if args.region is not None:
+        try:
+            regions = load_regions(args.region)
+        except RegionError as e:
+            return fail(f"--region: {e}")
     out_dir = Path(args.out)
     stem = source_stem(source)
     csv_path = Path(args.csv) if args.csv else out_dir / f"{stem}_counts.csv"
@@ -427,7 +455,7 @@ def _run(args: argparse.Namespace) -> int:
                   "counted frames", file=sys.stderr)
         interrupted = False
         with VideoRun(counter, cap, args.every, args.max_frames, output,
-                      progress=not args.quiet) as run:
+                      progress=not args.quiet, regions=regions) as run:
             run.name = _describe(source)
             try:
                 for _ in run:
@@ -435,7 +463,7 @@ def _run(args: argparse.Namespace) -> int:
             except KeyboardInterrupt:  # keep what was counted: files are still written
                 interrupted = True
                 print("\ninterrupted", file=sys.stderr)
-            except VideoError as e:
+            except (VideoError, RegionError) as e:  # RegionError: a mask of another size than the frames
                 return fail(str(e))
     finally:
         cap.release()
@@ -481,6 +509,10 @@ def add_command(subparsers) -> None:
     p.add_argument("--output", default=None, metavar="FILE.mp4",
                    help="also an annotated video (mp4v): the counted frames with the density map "
                         "and the count, at source fps / N; computes the map (slower)")
+    p.add_argument("--region", metavar="FILE",
+                   help="also count inside regions (a JSON polygon file or a mask image, as for "
+                        "`count --region`): a region:<name> column per region in the CSV, outlines on "
+                        "--output, lines on --plot; computes the density map (slower)")
     add_model_option(p)
     p.add_argument("--tiling", default=None, choices=list(TILING_MODES),
                    help=TILING_HELP)

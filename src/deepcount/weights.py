@@ -16,6 +16,7 @@ Nothing here unpickles a user-supplied file: ``.pth`` files go through
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -378,6 +379,21 @@ def slim_state(state: dict[str, Tensor], spec: str) -> dict[str, Tensor]:
     return out
 
 
+def _torchscript_export(path: Path) -> str | None:
+    """The source model's name if ``path`` is a TorchScript archive written by ``deepcount
+    export`` (read from its ``extra/deepcount.json`` as plain zip and JSON: nothing is run or
+    unpickled), else None."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            member = next((n for n in zf.namelist() if n.endswith("/extra/deepcount.json")), None)
+            if member is None:
+                return None
+            meta = json.loads(zf.read(member).decode("utf-8"))
+    except (OSError, zipfile.BadZipFile, ValueError, UnicodeDecodeError):
+        return None
+    return str(meta.get("deepcount.model_name") or "its source model")
+
+
 def read_safetensors(path: str | os.PathLike, sha256: str | None = None
                      ) -> tuple[dict[str, Tensor], dict]:
     """Tensors and metadata of a ``.safetensors`` file (hash-checked when ``sha256`` is given).
@@ -385,6 +401,14 @@ def read_safetensors(path: str | os.PathLike, sha256: str | None = None
     from safetensors import safe_open
 
     path = Path(path)
+    exported = _torchscript_export(path)
+    if exported is not None:
+        raise ValueError(
+            f"{path}: a TorchScript file written by `deepcount export` from {exported!r}; TorchScript "
+            "archives carry a program (not only weights), so deepcount does not load them. Count "
+            f"with the model it came from (--model {exported}, or its .safetensors file), or export "
+            "that model with --format onnx and count with the .onnx file (a graph of standard "
+            "operators, run by onnxruntime)")
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ValueError(f"{path}: refusing a pickle-based weights file ({path.suffix}); "
                          "deepcount loads .safetensors only (pickles can run code when loaded)")
