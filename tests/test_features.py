@@ -250,13 +250,34 @@ def test_frozen_configs_are_checked():
 
     base = ["--config", str(REPO / "configs" / "shb_cpu.yaml")]
     check_config(parse_config(base))
-    for extra, message in ((["--model.frozen", "conv5"], "model.frozen"),
-                           (["--data.grey_probability", "0.1"], "grey"),
+    for extra, message in ((["--data.grey_probability", "0.1"], "grey"),
                            (["--data.val_tiling", "pad"], "val_tiling features"),
-                           (["--recipe.schedule", "linear"], "schedule"),
                            (["--trainer.max_steps", "-1"], "max_steps")):
         with pytest.raises(ConfigError, match=message):
             check_config(parse_config(base + extra))
+
+
+@pytest.mark.parametrize("extra, allowed", [(["--model.frozen", "conv5"], "pool3"),
+                                            (["--recipe.schedule", "linear"], "cosine"),
+                                            (["--data.outside_points", "keep"], "clip")])
+def test_train_refuses_a_value_outside_its_choices_and_help_names_them(extra, allowed, capsys):
+    pytest.importorskip("lightning")
+    from deepcount.training import parse_config
+
+    with pytest.raises(SystemExit) as e:  # a usage error, before anything is read or trained
+        parse_config(["--config", str(REPO / "configs" / "shb_cpu.yaml"), *extra])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert extra[0] in err and allowed in err
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    text = capsys.readouterr().out
+    assert "<class " not in text  # groups are titled by what they hold, not by class names
+    assert "--model.frozen FROZEN" in text and "frontend frozen up to this level" in text
+    assert "--recipe.schedule {multistep,cosine}" in text and "--data.outside_points {error,drop,clip}" in text
+    from deepcount.training import config_parser
+
+    assert [a.option_strings for a in config_parser()._actions if a.option_strings and not (a.help or "").strip()] == []
 
 
 def test_slim_weights_leave_out_the_frozen_frontend_and_load_back(tmp_path):

