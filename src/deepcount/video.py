@@ -287,7 +287,8 @@ class VideoRun:
                 rgb = _to_rgb(cv2, frame)
                 if self.frame_size is None:
                     self.frame_size = rgb.shape[:2]
-                result = self.counter.count(rgb, density=self.branch, regions=self.regions)
+                extra = {"regions": self.regions} if self.regions is not None else {}
+                result = self.counter.count(rgb, density=self.branch, **extra)
                 inside = None if result.regions is None else {k: v["scaled"] for k, v in result.regions.items()}
                 item = FrameCount(index, index / self.fps, result.count, inside)
                 if self.output is not None:
