@@ -25,14 +25,12 @@ if str(REPO / "src") not in sys.path:  # run from a checkout without `pip instal
 
 import torch  # noqa: E402
 
-from deepcount.datasets import DEFAULT_DATA  # noqa: E402
-
 NOT_MEASURED_NO_GPU = "not measured: no GPU"
 
 
-# deepcount.datasets.data_root's rule ($DEEPCOUNT_DATA, else ../shared/data) with ../ taken from
-# the repository root, set here so that load_dataset(name, None, ...) finds it from any folder
-os.environ["DEEPCOUNT_DATA"] = os.environ.get("DEEPCOUNT_DATA") or str(REPO / DEFAULT_DATA)
+# The benches' data: $DEEPCOUNT_DATA, else ../shared/data beside the repository, set here so
+# that deepcount.datasets.load_dataset(name, None, ...) finds it from any folder
+os.environ["DEEPCOUNT_DATA"] = os.environ.get("DEEPCOUNT_DATA") or str(REPO.parent / "shared" / "data")
 
 
 def data_root() -> Path:

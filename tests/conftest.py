@@ -7,12 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from deepcount.datasets import DEFAULT_DATA
-
 REPO = Path(__file__).resolve().parents[1]
-# deepcount.datasets.data_root's rule ($DEEPCOUNT_DATA, else ../shared/data), with ../ taken
-# from the repository root whatever folder pytest runs from; set for the commands tests run
-DATA = Path(os.environ.get("DEEPCOUNT_DATA") or REPO / DEFAULT_DATA)
+# The tests' data: $DEEPCOUNT_DATA, else ../shared/data beside the repository (whatever folder
+# pytest runs from); set for the commands the tests run (deepcount.datasets.data_root reads it)
+DATA = Path(os.environ.get("DEEPCOUNT_DATA") or REPO.parent / "shared" / "data")
 os.environ["DEEPCOUNT_DATA"] = str(DATA)
 
 

@@ -5,8 +5,7 @@ Every reader returns a :class:`CrowdDataset`: a named, ordered list of :class:`A
 0-based pixel coordinates: pixel ``(row i, column j)`` has its centre at ``x=j, y=i``.
 MATLAB annotations (ShanghaiTech, Mall, UCF-QNRF) are 1-based and are converted in exactly one
 place, :func:`from_matlab`. The readers take their roots from the caller; :func:`dataset_root`
-gives the conventional one (``$DEEPCOUNT_DATA/<release folder>``, ``$DEEPCOUNT_DATA`` defaulting to
-``../shared/data``) for commands, configs, tests and benches.
+gives the conventional one (``$DEEPCOUNT_DATA/<release folder>``) for commands and configs.
 """
 
 from __future__ import annotations
@@ -562,23 +561,21 @@ RELEASE_FOLDERS: dict[str, str] = {
 }
 
 
-# The one rule for where datasets are (commands, configs, tests and benches): the folder
-# $DEEPCOUNT_DATA names, or ../shared/data (from the current folder) when it is unset; each
-# dataset sits there in its release folder (RELEASE_FOLDERS) unless a root is given.
+# The one rule for where datasets are: the caller's root, else the release folder
+# (RELEASE_FOLDERS) in the folder $DEEPCOUNT_DATA names.  The library has no default location.
 DATA_ENV = "DEEPCOUNT_DATA"
-DEFAULT_DATA = Path("..") / "shared" / "data"
 
 
 class DataNotFoundError(FileNotFoundError):
-    """A dataset's folder is not where the rule above (or the caller's root) says."""
+    """A dataset's folder is not where the rule above says (or it has no folder to look in)."""
 
 
-def data_root() -> Path:
-    """The folder that holds the datasets' release folders: ``$DEEPCOUNT_DATA``, else
-    ``../shared/data`` from the current folder."""
+def data_root() -> Path | None:
+    """The folder that holds the datasets' release folders: ``$DEEPCOUNT_DATA`` (None: unset)."""
     import os
 
-    return Path(os.environ.get(DATA_ENV) or DEFAULT_DATA)
+    value = os.environ.get(DATA_ENV)
+    return Path(value) if value else None
 
 
 def dataset_root(name: str, root: str | Path | None = None) -> Path:
@@ -594,12 +591,16 @@ def dataset_root(name: str, root: str | Path | None = None) -> Path:
     elif root is None and name not in RELEASE_FOLDERS:
         raise ValueError(f"dataset {name!r} has no conventional folder: give its root")
     else:
-        path = data_root() / (root if root is not None else RELEASE_FOLDERS[name])
+        base = data_root()
+        if base is None:
+            raise DataNotFoundError(
+                f"where is dataset {name!r}? give its folder (--root, --data.root) or set {DATA_ENV} "
+                f"to the folder that holds {root if root is not None else RELEASE_FOLDERS[name]}/")
+        path = base / (root if root is not None else RELEASE_FOLDERS[name])
     if not path.is_dir():
         raise DataNotFoundError(
             f"dataset {name!r} not found at {path}: give its folder (--root, --data.root) or set "
-            f"{DATA_ENV} to the folder that holds {RELEASE_FOLDERS.get(name, 'it')}/ "
-            f"(unset, it is {DEFAULT_DATA} from the current folder)")
+            f"{DATA_ENV} to the folder that holds {RELEASE_FOLDERS.get(name, 'it')}/")
     return path
 
 

@@ -697,7 +697,7 @@ def add_command(subparsers) -> None:
                    help="dataset (default: %(default)s)")
     p.add_argument("--split", default="test", help="split (default: %(default)s)")
     p.add_argument("--root", default=None, metavar="DIR",
-                   help="the dataset's folder (default: its release folder in $DEEPCOUNT_DATA, or ../shared/data when that is unset)")
+                   help="the dataset's folder (default: its release folder in $DEEPCOUNT_DATA)")
     p.add_argument("--tiling", default=None, choices=list(TILING_MODES),
                    help=TILING_HELP)
     p.add_argument("--protocol", default="points", choices=list(PROTOCOLS),

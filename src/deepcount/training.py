@@ -92,7 +92,7 @@ class DataConfig:
     dataset: Literal["sha", "shb", "mall", "ucf_qnrf", "jhu", "nwpu", "custom"] = "shb"
     """the training set (README: Data)"""
     root: str | None = None
-    """its folder; null: its release folder in $DEEPCOUNT_DATA (unset: ../shared/data)"""
+    """its folder; null: its release folder in $DEEPCOUNT_DATA"""
     split: str = "train"
     """the split trained on"""
     val_fraction: float = 0.1
