@@ -329,7 +329,7 @@ def _count_images(args: argparse.Namespace) -> int:
 
     from .images import ImageLoadError
     from .predict import Counter, resolve_device
-    from .regions import RegionError, load_regions
+    from .regions import RegionError, region_option
 
     def fail(message: str) -> int:
         print(f"error: {message}", file=sys.stderr)
@@ -355,12 +355,9 @@ def _count_images(args: argparse.Namespace) -> int:
         resolve_device(args.device)
     except ValueError as e:
         return fail(str(e))
-    regions = None
-    if args.region is not None:
-        try:
-            regions = load_regions(args.region)
-        except RegionError as e:
-            return fail(f"--region: {e}")
+    regions, problem = region_option(args.region)
+    if problem:
+        return fail(problem)
 
     for what, path in (("csv", args.csv), ("json", args.json)):  # checked, not touched, before the model
         if path is not None:

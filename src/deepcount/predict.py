@@ -313,10 +313,9 @@ class Counter:
         """
         branch = parse_density(density)
         if regions is not None:
-            from .regions import Region, load_regions
+            from .regions import as_regions
 
-            regions = ([regions] if isinstance(regions, Region) else
-                       load_regions(regions) if isinstance(regions, (str, os.PathLike)) else list(regions))
+            regions = as_regions(regions)
             branch = branch if branch is not None else self.picture_branch
             if branch is None:
                 raise ValueError(f"model {self.name} has no density map to count regions with")

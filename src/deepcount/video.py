@@ -226,10 +226,9 @@ class VideoRun:
         self.output = Path(output) if output is not None else None
         self.progress = progress
         if regions is not None:  # a region file, a Region or a list of them (deepcount.regions)
-            from .regions import Region, load_regions
+            from .regions import as_regions
 
-            regions = ([regions] if isinstance(regions, Region) else
-                       load_regions(regions) if isinstance(regions, (str, os.PathLike)) else list(regions))
+            regions = as_regions(regions)
         self.regions = regions
         self.branch = self._density_branch(density) if self.output is not None or regions is not None else None
         if isinstance(source, cv2.VideoCapture):
@@ -414,7 +413,7 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def _run(args: argparse.Namespace) -> int:
     from .predict import Counter
-    from .regions import RegionError, load_regions
+    from .regions import RegionError, region_option
 
     def fail(message: str) -> int:
         print(f"error: {message}", file=sys.stderr)
@@ -424,12 +423,9 @@ def _run(args: argparse.Namespace) -> int:
         source = parse_source(args.source)
     except (TypeError, ValueError) as e:
         return fail(str(e))
-    regions = None
-    if args.region is not None:
-        try:
-            regions = load_regions(args.region)
-        except RegionError as e:
-            return fail(f"--region: {e}")
+    regions, problem = region_option(args.region)
+    if problem:
+        return fail(problem)
     out_dir = Path(args.out)
     stem = source_stem(source)
     csv_path = Path(args.csv) if args.csv else out_dir / f"{stem}_counts.csv"
