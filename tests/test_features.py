@@ -257,6 +257,30 @@ def test_frozen_configs_are_checked():
             check_config(parse_config(base + extra))
 
 
+def test_auto_precisions_choose_bf16_only_where_the_device_computes_it(monkeypatch):
+    pytest.importorskip("lightning")
+    from deepcount import training
+    from deepcount.engines import native_bf16
+
+    base = ["--config", str(REPO / "configs" / "shb_cpu.yaml")]
+    cfg = training.parse_config(base)
+    assert (cfg.data.feature_precision, cfg.trainer.precision) == ("auto", "auto")
+    for native, features, trainer in ((True, "bf16", "bf16-mixed"), (False, "fp32", "32-true")):
+        monkeypatch.setattr(training, "native_bf16", lambda device, n=native: n)
+        done = training.resolve_precisions(cfg)
+        assert (done.data.feature_precision, done.trainer.precision) == (features, trainer)
+    # bf16 asked of a CPU that only emulates it: done as asked, and said
+    with pytest.warns(UserWarning, match="only emulates"):
+        done = training.resolve_precisions(training.parse_config(base + ["--data.feature_precision", "bf16"]))
+    assert done.data.feature_precision == "bf16" and done.trainer.precision == "32-true"
+    # the real check follows this CPU's flags: AVX-512 BF16 computes it, no AVX-512 at all does not
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    if "avx512_bf16" in flags:
+        assert native_bf16("cpu")
+    elif flags and "avx512f" not in flags:
+        assert not native_bf16("cpu")
+
+
 @pytest.mark.parametrize("extra, allowed", [(["--model.frozen", "conv5"], "pool3"),
                                             (["--recipe.schedule", "linear"], "cosine"),
                                             (["--data.outside_points", "keep"], "clip")])

@@ -109,6 +109,32 @@ def test_bad_configs_are_refused_with_the_fix(capsys):
         check_config(TrainConfig(model=ModelConfig(branches=[3, 4]), export=ExportConfig(branches=[1])))
 
 
+def test_a_union_trains_on_every_dataset_each_keeping_its_validation_images(data_root, monkeypatch):
+    from dataclasses import replace
+
+    from deepcount.datasets import load_dataset, train_val_split
+    from deepcount.training import CrowdDataModule
+
+    monkeypatch.setenv("DEEPCOUNT_DATA", str(data_root))
+    union = REPO / "configs" / "union_cpu.yaml"
+    cfg = parse_config(["--config", str(union), "--data.limit", "10"])
+    check_config(cfg)
+    assert cfg.data.dataset == ["sha", "shb", "mall"] and cfg.data.name == "sha+shb+mall"
+    module = CrowdDataModule(replace(cfg.data, num_workers=0, cache_targets=False), seed=cfg.seed)
+    module.setup()  # pixel crops (no frontend given): the images, not their features
+    parts = [train_val_split(load_dataset(name, None, "train")[:10], 0.1, seed=cfg.seed) for name in cfg.data.dataset]
+    assert [it.image for it in module.train_set] == [it.image for train, _ in parts for it in train]
+    assert [it.image for it in module.val_set] == [it.image for _, val in parts for it in val]
+    assert len(module.train_set) == 27 and len(module.val_set) == 3
+    assert module.train_set.name == "sha+shb+mall" and len(module.crops) == 27 * cfg.data.crops_per_image
+    # one folder cannot say where three datasets are; a list must give one per dataset
+    for root in (["--data.root", str(data_root)], ["--data.root", f"[{data_root}]"]):
+        with pytest.raises(ConfigError, match="one per dataset"):
+            check_config(parse_config(["--config", str(union), *root]))
+    with pytest.raises(ConfigError, match="different ones"):
+        check_config(parse_config(["--config", str(union), "--data.dataset", "[shb, shb]"]))
+
+
 def test_sampler_is_a_seeded_permutation_split_over_ranks():
     s = CropSampler(10, batch_size=3, seed=1)
     first = list(s)

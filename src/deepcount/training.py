@@ -32,7 +32,7 @@ import random
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from . import __version__
 from .datasets import (OUTSIDE_POLICIES, CrowdCrops, CrowdDataset, DataNotFoundError, crop_batch,
                        handle_points_outside, load_dataset, train_val_split, unreadable_images)
-from .engines import default_batch_size, retain_cpu_memory
+from .engines import default_batch_size, native_bf16, retain_cpu_memory
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .loss import BETA, OMEGA, csrnet_loss, official_loss, paper_loss
 from .features import FeatureCache, FeatureCrops
@@ -85,14 +85,19 @@ class ModelConfig:
     level; null: the frontend trains at recipe.frontend_lr_factor"""
 
 
+DatasetName = Literal["sha", "shb", "mall", "ucf_qnrf", "jhu", "nwpu", "custom"]
+
+
 @dataclass
 class DataConfig:
     """Training crops and the validation images"""
 
-    dataset: Literal["sha", "shb", "mall", "ucf_qnrf", "jhu", "nwpu", "custom"] = "shb"
-    """the training set (README: Data)"""
-    root: str | None = None
-    """its folder; null: its release folder in $DEEPCOUNT_DATA"""
+    dataset: DatasetName | list[DatasetName] = "shb"
+    """the training set (README: Data), or a list of them: one model trained on their union
+    (each keeps its own validation images; crops are drawn from every image alike)"""
+    root: str | list[str | None] | None = None
+    """its folder (with a list of datasets: a list of folders, one per dataset); null: its release
+    folder in $DEEPCOUNT_DATA"""
     split: str = "train"
     """the split trained on"""
     val_fraction: float = 0.1
@@ -137,8 +142,9 @@ class DataConfig:
     overhang_probability: float = 0.0
     """chance a crop is drawn anywhere in the image, so it may overhang its right or bottom edge
     into padding with zero targets: the network learns that padding holds nobody"""
-    feature_precision: Literal["fp32", "bf16"] = "bf16"
-    """how cached frontend features are computed"""
+    feature_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """how cached frontend features are computed; auto: bf16 where the training device computes it
+    natively (a GPU, an AVX-512 CPU), else fp32 (emulated bf16 is ~12x slower)"""
     feature_cache: str | None = None
     """folder of the feature cache; null: the user cache"""
     val_batch_size: int | None = None
@@ -146,6 +152,17 @@ class DataConfig:
 
     def ground_truth(self) -> GroundTruthConfig:
         return GroundTruthConfig(sigma=self.sigma, kernel_size=self.kernel_size, keep_mass=self.keep_mass)
+
+    def datasets(self) -> list[tuple[str, str | None]]:
+        """(name, root) of every training set: one, or each of a union."""
+        names = [self.dataset] if isinstance(self.dataset, str) else list(self.dataset)
+        roots = list(self.root) if isinstance(self.root, (list, tuple)) else [self.root] * len(names)
+        return list(zip(names, roots))
+
+    @property
+    def name(self) -> str:
+        """The training set's name: ``shb``, or a union's ``sha+shb+mall``."""
+        return "+".join(name for name, _ in self.datasets())
 
 
 @dataclass
@@ -203,7 +220,8 @@ class TrainerConfig:
     strategy: str = "auto"
     """auto, ddp, ..."""
     precision: str = "auto"
-    """auto: bf16-mixed on a GPU, 32-true on a CPU; or any Lightning precision (bf16-mixed, ...)"""
+    """auto: bf16-mixed where the device computes bf16 natively (a GPU, an AVX-512 CPU), else
+    32-true; or any Lightning precision (bf16-mixed, 32-true, ...)"""
     memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
     """layout of the network and the crops: auto (channels_last: 1.13-1.18x per CPU step, and
     1.27-1.31x with the CPU memory retention train() turns on; docs/PERFORMANCE.md),
@@ -307,10 +325,19 @@ def check_config(cfg: TrainConfig) -> None:
                               "(validation then counts as the trained model will)")
     elif d.val_tiling == "features":
         raise ConfigError("data.val_tiling features needs model.frozen (the frontend level of the features)")
+    names = [d.dataset] if isinstance(d.dataset, str) else list(d.dataset)
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(f"data.dataset must name one dataset or a list of different ones, got {d.dataset!r}")
+    if isinstance(d.root, (list, tuple)) and len(d.root) != len(names):
+        raise ConfigError(f"data.root lists {len(d.root)} folder(s) for {len(names)} dataset(s) {names}: give one "
+                          "per dataset (null: its release folder in $DEEPCOUNT_DATA)")
+    if isinstance(d.root, str) and len(names) > 1:
+        raise ConfigError(f"data.root {d.root!r} is one folder for the datasets {names}: give a list of folders, "
+                          "one per dataset, or null to read each from $DEEPCOUNT_DATA")
     if d.outside_points not in OUTSIDE_POLICIES:
         raise ConfigError(f"data.outside_points must be one of {list(OUTSIDE_POLICIES)}, got {d.outside_points!r}")
-    if d.feature_precision not in ("fp32", "bf16"):
-        raise ConfigError(f"data.feature_precision must be fp32 or bf16, got {d.feature_precision!r}")
+    if d.feature_precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"data.feature_precision must be auto, fp32 or bf16, got {d.feature_precision!r}")
     if not 0.0 <= d.overhang_probability <= 1.0:
         raise ConfigError(f"data.overhang_probability must be in [0, 1], got {d.overhang_probability}")
     if r.schedule not in ("multistep", "cosine"):
@@ -457,31 +484,13 @@ class CrowdDataModule(L.LightningDataModule if L is not None else object):  # ty
         if self.train_set is not None:
             return
         d = self.cfg
-        full = load_dataset(d.dataset, d.root, d.split)
-        if d.limit is not None:
-            full = full[: d.limit]
-        bad = unreadable_images(full, d.max_pixels)
-        if bad:
-            listed = "; ".join(f"{path}: {reason}" for path, reason in bad[:10]) + (" ..." if len(bad) > 10 else "")
-            if not d.skip_unreadable:
-                raise ConfigError(f"{len(bad)} of {len(full)} {d.dataset} {d.split} images cannot be read "
-                                  f"({listed}); fix or remove them, or set data.skip_unreadable true "
-                                  "(nothing was trained)")
-            import warnings
-            warnings.warn(f"leaving out {len(bad)} unreadable image(s): {listed}", stacklevel=2)
-            names = {path for path, _ in bad}
-            full = CrowdDataset(full.name, full.split, [it for it in full if Path(it.image) not in names])
-        try:
-            full, outside = handle_points_outside(full, d.outside_points, d.outside_tolerance)
-        except ValueError as e:
-            raise ConfigError(f"{e} (data.outside_points drop | clip); nothing was trained") from None
-        if outside:
-            import warnings
-            warnings.warn(outside, stacklevel=2)
-        if d.val_fraction > 0:
-            self.train_set, self.val_set = train_val_split(full, d.val_fraction, seed=self.seed)
-        else:
-            self.train_set, self.val_set = full, None
+        parts = [self.training_set(name, root) for name, root in d.datasets()]
+        if len(parts) == 1:
+            self.train_set, self.val_set = parts[0]
+        else:  # a union: every dataset's own training and validation images
+            self.train_set = CrowdDataset(d.name, d.split, [it for train, _ in parts for it in train])
+            vals = [it for _, val in parts if val is not None for it in val]
+            self.val_set = CrowdDataset(d.name, "val", vals) if vals else None
         trainer = getattr(self, "trainer", None)
         on_gpu = trainer is not None and trainer.strategy.root_device.type != "cpu"
         targets_cache = GroundTruthCache() if d.cache_targets else None
@@ -501,6 +510,35 @@ class CrowdDataModule(L.LightningDataModule if L is not None else object):  # ty
                                 cache=targets_cache, max_pixels=d.max_pixels,
                                 keep_images=d.keep_images and not self.on_device, params_only=self.on_device,
                                 overhang_probability=d.overhang_probability)
+
+    def training_set(self, name: str, root: str | None) -> tuple[CrowdDataset, CrowdDataset | None]:
+        """Dataset ``name``'s training images (its first ``data.limit``, checked readable, points
+        outside handled) and the validation images carved from them (None: ``val_fraction`` 0)."""
+        d = self.cfg
+        full = load_dataset(name, root, d.split)
+        if d.limit is not None:
+            full = full[: d.limit]
+        bad = unreadable_images(full, d.max_pixels)
+        if bad:
+            listed = "; ".join(f"{path}: {reason}" for path, reason in bad[:10]) + (" ..." if len(bad) > 10 else "")
+            if not d.skip_unreadable:
+                raise ConfigError(f"{len(bad)} of {len(full)} {name} {d.split} images cannot be read "
+                                  f"({listed}); fix or remove them, or set data.skip_unreadable true "
+                                  "(nothing was trained)")
+            import warnings
+            warnings.warn(f"leaving out {len(bad)} unreadable image(s): {listed}", stacklevel=2)
+            names = {path for path, _ in bad}
+            full = CrowdDataset(full.name, full.split, [it for it in full if Path(it.image) not in names])
+        try:
+            full, outside = handle_points_outside(full, d.outside_points, d.outside_tolerance)
+        except ValueError as e:
+            raise ConfigError(f"{e} (data.outside_points drop | clip); nothing was trained") from None
+        if outside:
+            import warnings
+            warnings.warn(outside, stacklevel=2)
+        if d.val_fraction > 0:
+            return train_val_split(full, d.val_fraction, seed=self.seed)
+        return full, None
 
     def feature_cache(self, trainer: Any = None) -> FeatureCache:
         """The cache of the frozen frontend's features (computed where training runs)."""
@@ -761,7 +799,7 @@ def export_weights(net: nn.Module, path: str | os.PathLike, cfg: TrainConfig,
     tmp.replace(path)
     sidecar = {
         "architecture": arch,
-        "dataset": cfg.data.dataset,
+        "dataset": cfg.data.name,
         "recipe": cfg.recipe.name,
         "ground_truth": asdict(cfg.data.ground_truth()),
         "tiling": cfg.data.val_tiling,
@@ -822,7 +860,27 @@ def _on_gpu(t: TrainerConfig) -> bool:
 def _precision(t: TrainerConfig) -> str:
     if t.precision != "auto":
         return t.precision
-    return "bf16-mixed" if _on_gpu(t) else "32-true"
+    return "bf16-mixed" if native_bf16("cuda" if _on_gpu(t) else "cpu") else "32-true"
+
+
+def resolve_precisions(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its ``auto`` precisions made concrete for this machine (what config.yaml and
+    the sidecar record, and what a resumed run must match); warns when bf16 is asked of a
+    device that only emulates it."""
+    import warnings
+
+    t, d = cfg.trainer, cfg.data
+    device = "cuda" if _on_gpu(t) else "cpu"
+    native = native_bf16(device)
+    trainer = replace(t, precision=_precision(t))
+    data = replace(d, feature_precision=d.feature_precision if d.feature_precision != "auto"
+                   else "bf16" if native else "fp32")
+    asked = [name for name, value in (("trainer.precision", t.precision), ("data.feature_precision", d.feature_precision))
+             if value != "auto" and "bf16" in str(value)]
+    if asked and not native:
+        warnings.warn(f"{' and '.join(asked)} ask for bf16, which this {device} only emulates (about 12x "
+                      "slower than float32 on an AVX2 CPU): set them to auto or fp32 / 32-true", stacklevel=2)
+    return replace(cfg, trainer=trainer, data=data)
 
 
 class _BestMetrics(Callback):  # type: ignore[misc]
@@ -953,6 +1011,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     require("train")  # MissingExtraError (an ImportError) saying how to install it
     check_config(cfg)
+    cfg = resolve_precisions(cfg)
     ckpt = resolve_resume(cfg)
     import warnings  # the crop_on_device hook lives on the module on purpose (it needs the images)
     warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
