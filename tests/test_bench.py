@@ -171,3 +171,15 @@ def test_region_counts_smoke(tmp_path):
     d = bench("region_counts", tmp_path)
     assert d["images"] == 2 and d["regions"] == 4
     assert set(d["mae"]) == {"map", "scaled"} and all(math.isfinite(v) and v >= 0 for v in d["mae"].values())
+
+
+def test_accuracy_smoke_writes_each_evaluation_once_and_resumes(tmp_path):
+    results = tmp_path / "results"
+    d = bench("accuracy", tmp_path, "--results", str(results))
+    (record,) = d["evaluations"]
+    assert record["model"] == "csrnet-baseline" and record["dataset"] == "shb" and record["tiling"] == "pad"
+    assert record["ran"] and record["metrics"]["count"]["n"] == 2 and math.isfinite(record["metrics"]["count"]["mae"])
+    written = Path(record["folder"]) / "evaluation.json"
+    assert written.is_file() and not list(results.rglob("*.part"))
+    again = bench("accuracy", tmp_path, "--results", str(results))
+    assert not again["evaluations"][0]["ran"] and again["evaluations"][0]["metrics"] == record["metrics"]

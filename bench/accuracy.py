@@ -1,0 +1,97 @@
+"""Benchmark 9: accuracy on the full test sets (Tables 2, 4 and 7; not a timing benchmark).
+
+Every (model, dataset, tiling) evaluation not yet under ``--results`` (default
+``docs/results/``) is run with :func:`deepcount.evaluation.evaluate`: the standard protocol (the
+true count is the number of annotated points), the backbone and every branch the weights hold,
+float32 on the CPU.  Each lands in ``<results>/<model>/<dataset>_test_<tiling>/``
+(``evaluation.json``, ``evaluation.md``, ``per_image.csv``), written only once it is whole, so an
+interrupted run resumes where it stopped (``--force`` runs one again).  The table printed (and
+``bench/results/accuracy.json``) covers every evaluation asked for; ``deepcount report
+docs/results`` lays them out beside the paper's tables.
+
+    python bench/accuracy.py --model default csrnet-baseline runs/sha-cpu/sha-cpu.safetensors \\
+        --dataset shb sha mall [--tiling own features pad grid] [--force] [--smoke]
+
+``--tiling own`` (the default) is the model's own tiling; ``features`` applies to a DeepCount only
+(skipped for a CSRNet, said).  ``--smoke``: the first 2 images of each set, into a temporary
+folder unless ``--results`` says where.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import _common as C
+
+DATASETS = {"shb": "ShanghaiTech B", "sha": "ShanghaiTech A", "mall": "Mall", "ucf_qnrf": "UCF-QNRF"}
+
+
+def main() -> int:
+    p = C.parser("accuracy", __doc__.splitlines()[0])
+    p.add_argument("--model", nargs="+", default=None, metavar="NAME|FILE",
+                   help="registered names or .safetensors files (default: the bundled default; --smoke: the CSRNet baseline)")
+    p.add_argument("--dataset", nargs="+", default=["shb"], choices=sorted(DATASETS))
+    p.add_argument("--tiling", nargs="+", default=["own"], choices=["own", "features", "pad", "grid"])
+    p.add_argument("--results", default=None, metavar="DIR", help="evaluations folder (default: docs/results; --smoke: a temporary one)")
+    p.add_argument("--force", action="store_true", help="run evaluations again that are already there")
+    p.add_argument("--limit", type=int, default=None, help="the first N images of each set (default: all; --smoke 2)")
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+    run = C.Run("accuracy", args)
+    from deepcount.datasets import load_dataset
+    from deepcount.evaluation import evaluate, load_evaluation
+    from deepcount.model import DeepCount
+    from deepcount.predict import load_network
+
+    limit = args.limit or (2 if args.smoke else None)
+    temporary = args.smoke and args.results is None
+    results = Path(tempfile.mkdtemp(prefix="accuracy-")) if temporary else Path(args.results or C.REPO / "docs" / "results")
+    rows, records = [], []
+    for spec in args.model or ["csrnet-baseline" if args.smoke else "default"]:
+        net, info = load_network(spec)
+        name = str(info.get("name") or Path(spec).stem)
+        own = info.get("tiling") or "pad"
+        for dataset in args.dataset:
+            data = load_dataset(dataset, None, "test")
+            for asked in args.tiling:
+                tiling = own if asked == "own" else asked
+                if tiling == "features" and not isinstance(net, DeepCount):
+                    print(f"# {name}: tiling features needs a DeepCount, skipped")
+                    continue
+                folder = results / name / f"{dataset}_test_{tiling}{f'_first{limit}' if limit else ''}"
+                if (folder / "evaluation.json").is_file() and not args.force:
+                    found = load_evaluation(folder / "evaluation.json")
+                    seconds, ran = found.get("seconds"), False
+                    metrics = found["metrics"]
+                else:
+                    result = evaluate(net, data, tiling=tiling, info=info, dataset_name=dataset, limit=limit,
+                                      device="cpu", root=C.data_root())
+                    part = folder.with_name(folder.name + ".part")
+                    shutil.rmtree(part, ignore_errors=True)
+                    result.write(part)
+                    shutil.rmtree(folder, ignore_errors=True)
+                    part.rename(folder)
+                    seconds, ran, metrics = result.seconds, True, result.metrics
+                count = metrics["count"]
+                branches = {k: v for k, v in metrics.items() if k.startswith("branch")}
+                rows.append([name, DATASETS[dataset], tiling, count["n"], f"{count['mae']:.2f}", f"{count['rmse']:.2f}",
+                             " ".join(f"{k[-1]}:{v['mae']:.2f}" for k, v in sorted(branches.items())) or "-",
+                             f"{seconds:.0f}" if seconds is not None else "?", "run" if ran else "found"])
+                records.append({"model": name, "sha256": info.get("sha256"), "dataset": dataset, "tiling": tiling,
+                                "folder": str(folder), "metrics": metrics, "seconds": seconds, "ran": ran})
+    run["results"], run["limit"] = str(results), limit
+    run["evaluations"] = records
+    C.table(["model", "test set", "tiling", "images", "MAE", "RMSE", "branch MAEs", "seconds", ""], rows,
+            title="Accuracy, standard protocol (true count: annotated points), float32, CPU")
+    run.finish()
+    if temporary:
+        shutil.rmtree(results, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
