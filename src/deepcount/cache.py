@@ -1,8 +1,11 @@
-"""Where deepcount keeps files it downloads or derives (per user, never inside the repo)."""
+"""Files deepcount writes: where it keeps what it downloads or derives (per user, never inside
+the repo), and writing a file whole or not at all."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -16,3 +19,20 @@ def cache_dir(*parts: str) -> Path:
     path = base.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to: renamed onto ``path`` when the body ends
+    normally, removed when it raises, so readers (and other processes writing the same file)
+    only ever see no file or a whole one.  The name is ``path``'s, this process's id (two
+    writers never share it) and ``.part`` (write NumPy arrays through an open file: ``np.save``
+    adds ``.npy`` to a name without it)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)

@@ -80,20 +80,6 @@ class _Item:
     error: str | None = None
 
 
-def _natural_key(path: Path) -> list:
-    """IMG_2 before IMG_10."""
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", path.name)]
-
-
-def _images_in(folder: Path) -> list[Path]:
-    """The image files of a folder (by extension) in natural order, special files included
-    (``expand_paths`` reports those instead of opening them)."""
-    from .images import IMAGE_EXTENSIONS
-
-    return sorted((f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and not f.is_dir()),
-                  key=_natural_key)
-
-
 def _not_regular(path: Path) -> str | None:
     """Why ``path`` (after symlinks) cannot be read as an image file without blocking, or None:
     a FIFO would wait forever for a writer, a device could be endless."""
@@ -115,7 +101,7 @@ def _pattern_regex(pattern: str) -> re.Pattern:
     number of folders (``**/`` also none), ``*`` and ``?`` stay inside one name."""
     import fnmatch
 
-    out, i = "", 0
+    out = ""
     parts = re.split(r"(\*\*/?)", pattern)
     for part in parts:
         if part == "**/":
@@ -156,7 +142,7 @@ def expand_paths(args: Sequence[str]) -> list[_Item]:
     (expanded here when the shell did not, e.g. quoted ``"dir/*.jpg"``), in argument order,
     each file once.  Arguments that name no image become error items, so they are reported
     in their place and nothing is dropped silently."""
-    from .images import IMAGE_EXTENSIONS
+    from .images import IMAGE_EXTENSIONS, image_files
 
     items: list[_Item] = []
     seen: set[str] = set()
@@ -172,7 +158,7 @@ def expand_paths(args: Sequence[str]) -> list[_Item]:
         p = Path(arg)
         if p.is_dir():
             try:
-                found = _images_in(p)
+                found = image_files(p, special=True)
             except OSError as e:
                 items.append(_Item(arg, error=f"cannot list this folder ({e.strerror or e})"))
                 continue
@@ -187,7 +173,7 @@ def expand_paths(args: Sequence[str]) -> list[_Item]:
             matches = sorted(recursive_glob(arg))
             files: list[Path] = []
             for m in map(Path, matches):
-                files += _images_in(m) if m.is_dir() else [m] if m.suffix.lower() in IMAGE_EXTENSIONS else []
+                files += image_files(m, special=True) if m.is_dir() else [m] if m.suffix.lower() in IMAGE_EXTENSIONS else []
             if not files:
                 items.append(_Item(arg, error="no images match this pattern" if not matches else
                                    f"none of the {len(matches)} paths matching this pattern is an image"))
@@ -298,13 +284,6 @@ def printable(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _out_of_memory(e: BaseException) -> bool:
-    import torch
-
-    return isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or (
-        isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e)))
-
-
 def _count(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -327,6 +306,7 @@ def _count(args: argparse.Namespace) -> int:
 def _count_images(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from .engines import out_of_memory
     from .images import ImageLoadError
     from .predict import Counter, resolve_device
     from .regions import RegionError, region_option
@@ -445,7 +425,7 @@ def _count_images(args: argparse.Namespace) -> int:
                     except RegionError as e:  # a mask of another size than this image
                         row["error"] = str(e)
                     except (MemoryError, RuntimeError) as e:
-                        if not _out_of_memory(e):
+                        if not out_of_memory(e):
                             raise
                         row["error"] = f"out of memory while counting ({type(e).__name__}); " \
                                        "try --batch-size 1 or a smaller image"

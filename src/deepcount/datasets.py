@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -23,8 +22,8 @@ import numpy as np
 import scipy.io
 import torch
 
-from .images import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, image_size,
-                     load_image, to_tensor)
+from .images import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, image_files, image_size,
+                     load_image, natural_key, to_tensor)
 from .model import INPUT_SIZE as TILE
 from .targets import PAPER, GroundTruthCache, GroundTruthConfig, HeadKernels
 
@@ -144,13 +143,6 @@ def from_matlab(points: Any) -> np.ndarray:
     return _as_points(points) - 1.0
 
 
-def _natural_key(path: Path | str) -> tuple:
-    """Sort key that orders embedded numbers numerically (IMG_2 before IMG_10)."""
-    name = Path(path).name
-    parts = re.split(r"(\d+)", name.lower())
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts), name
-
-
 def _require_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"{what} not found: {path}")
@@ -171,9 +163,7 @@ def _child(parent: Path, names: Sequence[str], what: str) -> Path:
 
 def _images_in(folder: Path) -> list[Path]:
     """Image files directly inside ``folder``, in natural order."""
-    _require_dir(folder, "image folder")
-    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    return sorted(files, key=_natural_key)
+    return image_files(_require_dir(folder, "image folder"))
 
 
 def _paired(images: list[Path], annotation_of: Callable[[Path], Path],
@@ -242,7 +232,7 @@ def shanghaitech(root: str | Path, part: str, split: str) -> CrowdDataset:
     images = _images_in(_child(split_dir, ("images",), "ShanghaiTech images folder"))
     gt_dir = _child(split_dir, ("ground_truth", "ground-truth"), "ShanghaiTech ground-truth folder")
     items = _paired(images, lambda img: gt_dir / f"GT_{img.stem}.mat", _read_shanghaitech_mat)
-    return CrowdDataset(f"shanghaitech_{part}", split, items)
+    return CrowdDataset(f"sh{part.lower()}", split, items)
 
 
 # ----------------------------------------------------------------------------- Mall
@@ -328,7 +318,7 @@ def jhu_crowd(root: str | Path, split: str) -> CrowdDataset:
     images = _images_in(_child(split_dir, ("images",), "JHU-Crowd++ images folder"))
     gt_dir = _child(split_dir, ("gt",), "JHU-Crowd++ gt folder")
     items = _paired(images, lambda img: gt_dir / f"{img.stem}.txt", _read_jhu_txt)
-    return CrowdDataset("jhu_crowd", split, items)
+    return CrowdDataset("jhu", split, items)
 
 
 # ----------------------------------------------------------------------------- NWPU-Crowd
@@ -361,7 +351,7 @@ def nwpu_crowd(root: str | Path, split: str) -> CrowdDataset:
     img_dir = _require_dir(root / "images", "NWPU-Crowd images folder")
     json_dir = _require_dir(root / "jsons", "NWPU-Crowd jsons folder")
     if split == "all":
-        ids = sorted((p.stem for p in json_dir.glob("*.json")), key=_natural_key)
+        ids = sorted((p.stem for p in json_dir.glob("*.json")), key=natural_key)
     else:
         listing = root / f"{split}.txt"
         if not listing.is_file():
@@ -373,7 +363,7 @@ def nwpu_crowd(root: str | Path, split: str) -> CrowdDataset:
         if not js.is_file():
             raise FileNotFoundError(f"annotation for NWPU-Crowd image {img_id} not found: expected {js}")
         items.append(AnnotatedImage(_find_image(img_dir, img_id), _read_nwpu_json(js), js))
-    return CrowdDataset("nwpu_crowd", split, items)
+    return CrowdDataset("nwpu", split, items)
 
 
 # ----------------------------------------------------------------------------- custom data
@@ -602,6 +592,16 @@ def dataset_root(name: str, root: str | Path | None = None) -> Path:
             f"dataset {name!r} not found at {path}: give its folder (--root, --data.root) or set "
             f"{DATA_ENV} to the folder that holds {RELEASE_FOLDERS.get(name, 'it')}/")
     return path
+
+
+# Names that CrowdDataset.name had before it became the registry name (kept for files written then).
+_FORMER_NAMES = {"shanghaitech_a": "sha", "shanghaitech_b": "shb", "jhu_crowd": "jhu", "nwpu_crowd": "nwpu"}
+
+
+def registry_name(name: str) -> str:
+    """The :data:`DATASETS` name of a dataset, also from its former ``CrowdDataset.name``
+    (``shanghaitech_A`` -> ``sha``); any other name as given."""
+    return _FORMER_NAMES.get(name.lower(), name)
 
 
 def load_dataset(name: str, root: str | Path | None, split: str) -> CrowdDataset:

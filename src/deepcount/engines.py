@@ -165,6 +165,12 @@ def resolve_engine(engine: str | Engine | None, device: str | torch.device = "cp
     return resolved
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` says the host or the GPU ran out of memory (what a smaller batch may fix)."""
+    return isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e)))
+
+
 def native_bf16(device: str | torch.device = "cpu") -> bool:
     """Whether ``device`` computes bfloat16 natively: a GPU that supports it, or a CPU with
     AVX-512 (oneDNN's bf16 kernels).  Elsewhere bf16 is emulated and far slower than float32
@@ -296,6 +302,6 @@ def engine_runner(model: nn.Module, engine: str | Engine | None = "eager",
     return run
 
 
-__all__ = ["AUTO", "AUTO_BATCH_SIZE", "ENGINES", "Engine", "PRESETS", "default_batch_size", "engine_runner", "native_bf16",
+__all__ = ["AUTO", "AUTO_BATCH_SIZE", "ENGINES", "Engine", "PRESETS", "default_batch_size", "engine_runner", "native_bf16", "out_of_memory",
            "forward", "glibc_malloc_defaults",
            "precision_context", "resolve_engine", "retain_cpu_memory", "retaining_cpu_memory"]

@@ -58,8 +58,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import __version__
 from .cli import BATCH_SIZE_HELP, TILING_HELP, TILING_MODES, add_device_option, add_model_option, positive_int
-from .engines import default_batch_size
+from .engines import default_batch_size, out_of_memory
 
 if TYPE_CHECKING:  # heavy imports stay out of ``deepcount --help``
     import numpy as np
@@ -79,9 +80,6 @@ PROTOCOL_TEXT = {
     "points": "number of annotated heads (the standard)",
     "blurred": "sum of the blurred ground-truth density map (authors' code)",
 }
-# CrowdDataset.name -> the registry name of deepcount.datasets.DATASETS
-_REGISTRY_NAMES = {"shanghaitech_A": "sha", "shanghaitech_B": "shb", "jhu_crowd": "jhu",
-                   "nwpu_crowd": "nwpu"}
 JSON_NAME, MARKDOWN_NAME, CSV_NAME = "evaluation.json", "evaluation.md", "per_image.csv"
 
 
@@ -272,8 +270,6 @@ class Evaluation:
         return text
 
     def to_dict(self) -> dict[str, Any]:
-        from . import __version__
-
         gt = None
         if self.ground_truth is not None:
             gt = {"name": ground_truth_name(self.ground_truth), **asdict(self.ground_truth),
@@ -320,7 +316,7 @@ class Evaluation:
                 ("ground truth", f"{self.protocol}: {PROTOCOL_TEXT[self.protocol]}"
                                  + (f"; {ground_truth_label(self.ground_truth)} ({self.ground_truth_source})"
                                     if self.ground_truth is not None else "")),
-                ("run", f"deepcount {_version()}, {self.timestamp}, device {self.device}, "
+                ("run", f"deepcount {__version__}, {self.timestamp}, device {self.device}, "
                         f"batch {self.batch_size}, {self.seconds:.1f} s")]
         out = [f"# Evaluation: {self.model.get('name', '?')} on {self.dataset} {self.split}", "",
                "| | |", "|---|---|", *(f"| {k} | {_md(v)} |" for k, v in rows), "",
@@ -364,12 +360,6 @@ class Evaluation:
 _TILING_TEXT = {"pad": "keep scale, pad to whole 384x512 tiles; branch sums leave out padding-only cells",
                 "grid": "resize to a grid of whole 384x512 tiles (authors' code)",
                 "features": "frontend over the whole image, the rest on 48x64 tiles of its features"}
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def _md(text: Any) -> str:
@@ -525,7 +515,7 @@ def evaluate(model: nn.Module | str | os.PathLike, dataset: Sequence[AnnotatedIm
     if not items:
         raise ValueError("the dataset has no images")
     root_text = str(root) if root is not None else None
-    name = dataset_name or _REGISTRY_NAMES.get(getattr(dataset, "name", ""), getattr(dataset, "name", "?"))
+    name = dataset_name or getattr(dataset, "name", "?")
     model_info = {k: v for k, v in info.items() if _jsonable(v)}
 
     rows: list[ImageRow] = []
@@ -664,7 +654,7 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as e:
         return fail(str(e))
     except (MemoryError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and "out of memory" not in str(e) and "allocate" not in str(e):
+        if not out_of_memory(e):
             raise
         return fail(f"out of memory ({type(e).__name__}); try --batch-size 1", 1)
     if ground_truth is not None:

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
+from .cache import atomic_path
 from .cli import add_device_option, add_model_option
 from .model import FEATURE_SIZE, INPUT_SIZE, MAP_SIZES, CSRNet, DeepCount, architecture, frontend_split
 from .predict import load_network, parse_density, resolve_device
@@ -297,18 +298,14 @@ def write_torchscript(graph: CountGraph, meta: dict[str, str], path: str | os.Pa
         traced = torch.jit.trace(graph, (graph.example(),), check_trace=False)
     exporter = f"torch.jit.trace (torch {torch.__version__})"
     extra = {TORCHSCRIPT_META: json.dumps({**meta, META_PREFIX + "exporter": exporter}, indent=1)}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".part")
-    with _quiet():  # torch.jit.save warns that TorchScript is deprecated
+    with _quiet(), atomic_path(path) as tmp:  # torch.jit.save warns that TorchScript is deprecated
         torch.jit.save(traced, str(tmp), _extra_files=extra)
-    tmp.replace(path)
     return exporter
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 # ----------------------------------------------------------------------------- readers

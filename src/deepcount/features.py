@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .cache import cache_dir
+from .cache import atomic_path, cache_dir
 from .engines import precision_context
 from .images import DEFAULT_MAX_PIXELS, load_image, to_tensor
 from .model import FEATURE_SIZE, FEATURE_STRIDE, FRONTEND_LEVELS, INPUT_SIZE, frontend_split
@@ -184,9 +184,8 @@ class FeatureCache:
             pixels = np.ascontiguousarray(pixels[:, ::-1])
         f = frontend_features(self.net, pixels, self.level, precision=self.precision, device=self.device)
         arr = f.permute(1, 2, 0).to(torch.float16).cpu().numpy()
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, arr, allow_pickle=False)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp, open(tmp, "wb") as out:
+            np.save(out, arr, allow_pickle=False)
         self.computed += 1
         return np.load(path, mmap_mode="r", allow_pickle=False)
 

@@ -25,10 +25,12 @@ from __future__ import annotations
 import io
 import numbers
 import os
+import re
 import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -43,8 +45,10 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ImageLoadError",
+    "image_files",
     "image_size",
     "load_image",
+    "natural_key",
     "to_tensor",
 ]
 
@@ -65,6 +69,25 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
         ".ppm", ".pgm", ".pbm", ".pnm",
     }
 )
+
+
+
+def natural_key(path: str | os.PathLike) -> tuple:
+    """Sort key of a file name with its numbers compared as numbers (IMG_2 before IMG_10),
+    case-insensitively, the name itself breaking ties."""
+    name = os.path.basename(os.fspath(path))
+    parts = re.split(r"(\d+)", name.lower())
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts), name
+
+
+def image_files(folder: str | os.PathLike, special: bool = False) -> list[Path]:
+    """The image files (by :data:`IMAGE_EXTENSIONS`) directly inside ``folder``, in natural
+    order; ``special``: entries that are neither folders nor regular files too (a FIFO, a
+    device), so the caller can say why each cannot be read."""
+    keep = (lambda p: not p.is_dir()) if special else (lambda p: p.is_file())
+    return sorted((p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and keep(p)),
+                  key=natural_key)
+
 
 _ORIENTATION_TAG = 0x0112
 

@@ -97,9 +97,6 @@ PAPER_NOTE = ("Paper rows are as printed in the paper; it trains with sigma-5 gr
 
 DATASET_TEXT = {"sha": "Shanghai Tech Part A", "shb": "Shanghai Tech Part B", "ucf_qnrf": "UCF-QNRF",
                 "mall": "Mall", "jhu": "JHU-Crowd++", "nwpu": "NWPU-Crowd", "custom": "custom"}
-# Names CrowdDataset gives, for JSONs written from Python with a dataset object.
-_DATASET_ALIASES = {"shanghaitech_a": "sha", "shanghaitech_b": "shb", "jhu_crowd": "jhu",
-                    "nwpu_crowd": "nwpu"}
 ALL = (1, 2, 3, 4, 5)
 
 
@@ -114,8 +111,9 @@ class Run:
 
     @property
     def dataset(self) -> str:
-        name = str((self.data.get("dataset") or {}).get("name", "?"))
-        return _DATASET_ALIASES.get(name.lower(), name)
+        from .datasets import registry_name
+
+        return registry_name(str((self.data.get("dataset") or {}).get("name", "?")))
 
     @property
     def architecture(self) -> dict:
@@ -160,7 +158,9 @@ class Run:
         if self.width != 1.0:
             parts.append(f"width {self.width:g}")
         trained = model.get("dataset")
-        if isinstance(trained, str) and trained and _DATASET_ALIASES.get(trained.lower(), trained) != self.dataset:
+        from .datasets import registry_name
+
+        if isinstance(trained, str) and trained and registry_name(trained) != self.dataset:
             parts.append(f"trained on {trained}")
         ds = self.data.get("dataset") or {}
         if ds.get("evaluated") is not None and ds.get("evaluated") != ds.get("images"):

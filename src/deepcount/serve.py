@@ -67,6 +67,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .cli import BATCH_SIZE_HELP, TILING_HELP, TILING_MODES, add_device_option, add_model_option, positive_int
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -295,6 +296,7 @@ def create_app(counter: Any, settings: ServeSettings | None = None):
     from starlette.formparsers import MultiPartException, MultiPartParser
     from starlette.requests import ClientDisconnect
 
+    from .engines import out_of_memory
     from .images import ImageLoadError, image_size
 
     settings = settings or ServeSettings()
@@ -308,7 +310,7 @@ def create_app(counter: Any, settings: ServeSettings | None = None):
 
     # No /docs or /redoc: FastAPI's pages load their scripts from a CDN, and this server is
     # meant to work offline.  The schema itself is at /openapi.json.
-    app = FastAPI(title="deepcount", version=_version(), lifespan=lifespan, docs_url=None,
+    app = FastAPI(title="deepcount", version=__version__, lifespan=lifespan, docs_url=None,
                   redoc_url=None,
                   description="Crowd counting with DeepCount. " + service.description)
     app.state.service = service
@@ -499,7 +501,9 @@ def create_app(counter: Any, settings: ServeSettings | None = None):
                                          "its slot") from None
             except ImageLoadError as e:
                 raise HTTPException(422, f"not a usable image: {e.reason}") from None
-            except MemoryError:
+            except (MemoryError, RuntimeError) as e:
+                if not out_of_memory(e):
+                    raise
                 log.exception("out of memory while counting")
                 raise HTTPException(500, "counting failed: out of memory") from None
             except Exception as e:
@@ -523,12 +527,6 @@ def create_app(counter: Any, settings: ServeSettings | None = None):
         return JSONResponse(out)
 
     return app
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 # ----------------------------------------------------------------------------- running it

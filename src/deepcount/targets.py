@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .cache import cache_dir
+from .cache import atomic_path, cache_dir
 from .model import INPUT_SIZE, MAP_STRIDES
 
 POOL_FACTORS: tuple[int, ...] = tuple(MAP_STRIDES[k] for k in sorted(MAP_STRIDES))  # 8 .. 128
@@ -320,18 +320,14 @@ class GroundTruthCache:
         targets = HeadKernels.from_points(points, height, width, config).pyramid(factors=factors)
         flat = np.concatenate([np.array([targets.count], np.float64).view(np.float32),
                                *(m.ravel() for m in targets.maps)])
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.save(f, flat, allow_pickle=False)
-        tmp.replace(path)
         return targets
 
     @staticmethod
     def _write(path: Path, k: HeadKernels) -> None:
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, pixels=k.pixels, wy=k.wy, wx=k.wx)
-        tmp.replace(path)
 
     @staticmethod
     def _read(path: Path, height: int, width: int, config: GroundTruthConfig) -> HeadKernels:

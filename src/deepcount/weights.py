@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .cache import cache_dir
+from .cache import atomic_path, cache_dir
 
 TORCHVISION_VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 # torchvision's `vgg16().features` indices of conv1_1..conv4_3 (ReLU and pooling in between).
@@ -160,9 +160,8 @@ def _download(url: str, sha256: str | None = None) -> Path:
         expected = m.group(1)
     path = cache_dir("downloads") / name
     if not path.exists():
-        tmp = path.with_name(path.name + ".part")
-        torch.hub.download_url_to_file(url, str(tmp), progress=False)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            torch.hub.download_url_to_file(url, str(tmp), progress=False)
     return _verified_or_removed(path, expected)
 
 
