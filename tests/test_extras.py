@@ -15,6 +15,7 @@ from deepcount.cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.offline
 def test_extras_are_pyprojects_and_the_install_command_keeps_this_torch():
     declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert set(extras.EXTRAS) <= set(declared)
@@ -34,6 +35,7 @@ def test_extras_are_pyprojects_and_the_install_command_keeps_this_torch():
     (["video", "never.mp4"], "cv2", "video"),
     (["train", "--trainer.max_steps", "1"], "lightning", "train"),
 ])
+@pytest.mark.offline
 def test_a_missing_extra_is_one_line_naming_the_install_command(argv, hidden, extra, monkeypatch, capsys, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(sys.modules, hidden, None)  # import fails as if not installed
@@ -46,6 +48,7 @@ def test_a_missing_extra_is_one_line_naming_the_install_command(argv, hidden, ex
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+@pytest.mark.offline
 def test_the_onnxruntime_backend_without_the_extra(monkeypatch):
     from deepcount import Counter
 

@@ -244,6 +244,7 @@ def test_count_bias_starts_at_the_mean_crop_count(data_root, tmp_path):
     assert [steps(s) for s in (4, 5, 8)] == pytest.approx([1.0, 0.1, 0.01])
 
 
+@pytest.mark.offline
 def test_frozen_configs_are_checked():
     pytest.importorskip("lightning")
     from deepcount.training import ConfigError, check_config, parse_config
@@ -257,6 +258,7 @@ def test_frozen_configs_are_checked():
             check_config(parse_config(base + extra))
 
 
+@pytest.mark.offline
 def test_auto_precisions_choose_bf16_only_where_the_device_computes_it(monkeypatch):
     pytest.importorskip("lightning")
     from deepcount import training
@@ -284,6 +286,7 @@ def test_auto_precisions_choose_bf16_only_where_the_device_computes_it(monkeypat
 @pytest.mark.parametrize("extra, allowed", [(["--model.frozen", "conv5"], "pool3"),
                                             (["--recipe.schedule", "linear"], "cosine"),
                                             (["--data.outside_points", "keep"], "clip")])
+@pytest.mark.offline
 def test_train_refuses_a_value_outside_its_choices_and_help_names_them(extra, allowed, capsys):
     pytest.importorskip("lightning")
     from deepcount.training import parse_config
@@ -380,6 +383,7 @@ def test_a_features_model_exports_to_onnx_with_its_frontend(net, tmp_path, sha_t
         Counter.load(out)
 
 
+@pytest.mark.offline
 def test_images_thinner_than_a_cell_are_one_padded_cell(net):
     for shape, tiles in (((1, 5000, 3), 10), ((5, 5, 3), 1), ((7, 600, 3), 2)):
         image = np.full(shape, 128, np.uint8)

@@ -152,6 +152,7 @@ def test_pil_source(photo_pil: Image.Image, photo: np.ndarray, photo_path: Path)
 # ------------------------------------------------------------------------------------
 
 
+@pytest.mark.offline
 def test_error_type_and_message():
     e = ImageLoadError("some/file.jpg", "broken")
     assert isinstance(e, ValueError)
@@ -162,6 +163,7 @@ def test_error_type_and_message():
     assert (type(e2), e2.source, e2.reason) == (ImageLoadError, e.source, e.reason)
 
 
+@pytest.mark.offline
 def test_missing_path(tmp_path: Path):
     missing = tmp_path / "nope" / "IMG_404.jpg"
     for fn in (load_image, image_size):
@@ -172,6 +174,7 @@ def test_missing_path(tmp_path: Path):
         assert isinstance(ei.value.__cause__, FileNotFoundError)
 
 
+@pytest.mark.offline
 def test_directory(tmp_path: Path):
     d = tmp_path / "images.jpg"
     d.mkdir()
@@ -181,6 +184,7 @@ def test_directory(tmp_path: Path):
         assert ei.value.source == str(d) and "directory" in ei.value.reason
 
 
+@pytest.mark.offline
 def test_zero_byte_file(tmp_path: Path):
     p = tmp_path / "empty.jpg"
     p.write_bytes(b"")
@@ -192,6 +196,7 @@ def test_zero_byte_file(tmp_path: Path):
         load_image(b"")
 
 
+@pytest.mark.offline
 def test_text_file_named_jpg(tmp_path: Path):
     p = tmp_path / "IMG_1.jpg"
     p.write_text("this is not a JPEG, just some text\n" * 20)
@@ -234,6 +239,7 @@ def test_truncated_png(tmp_path: Path, photo_pil: Image.Image):
     assert ei.value.__cause__ is not None
 
 
+@pytest.mark.offline
 def test_text_mode_file_and_unsupported_types(tmp_path: Path):
     p = tmp_path / "a.jpg"
     p.write_text("x")
@@ -360,6 +366,7 @@ def test_sixteen_bit_pil_modes(mode: str, crop: Image.Image):
     assert np.array_equal(a, np.repeat(grey[:, :, None], 3, axis=2))
 
 
+@pytest.mark.offline
 def test_mode_i_out_of_range_is_clipped_to_16_bit():
     im = Image.fromarray(np.array([[-5, 0, 65535, 70000]], np.int32))
     assert im.mode == "I"
@@ -479,11 +486,13 @@ def test_damaged_exif_is_ignored(crop: Image.Image):
 # ------------------------------------------------------------------------------------
 
 
+@pytest.mark.offline
 def test_default_limit_is_pillows_default():
     assert DEFAULT_MAX_PIXELS == 89_478_485
     assert DEFAULT_MAX_PIXELS == int(1024 * 1024 * 1024 // 4 // 3)
 
 
+@pytest.mark.offline
 def test_header_bomb_refused_before_decoding(tmp_path: Path):
     p = tmp_path / "bomb.png"
     p.write_bytes(_png_with_claimed_size(20000, 20000))  # 400 Mpx claimed, 70 bytes on disk
@@ -500,6 +509,7 @@ def test_header_bomb_refused_before_decoding(tmp_path: Path):
     assert Image.MAX_IMAGE_PIXELS == DEFAULT_MAX_PIXELS  # Pillow's default, untouched
 
 
+@pytest.mark.offline
 def test_our_limit_applies_even_when_pillows_is_off(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
     with pytest.raises(ImageLoadError, match="decompression-bomb guard"):
@@ -602,6 +612,7 @@ def test_numpy_uint16(photo: np.ndarray):
     assert load_image(np.array([[0, 255, 256, 65535]], np.uint16))[0, :, 0].tolist() == [0, 0, 1, 255]
 
 
+@pytest.mark.offline
 def test_numpy_bool():
     m = np.array([[True, False], [False, True]])
     a = load_image(m)
@@ -634,6 +645,7 @@ def test_numpy_float(dtype, photo: np.ndarray):
         (np.full((4, 5), np.nan, np.float32), "NaN"),
     ],
 )
+@pytest.mark.offline
 def test_numpy_rejects(bad: np.ndarray, words: str):
     with pytest.raises(ImageLoadError) as ei:
         load_image(bad)
@@ -641,6 +653,7 @@ def test_numpy_rejects(bad: np.ndarray, words: str):
     assert "numpy.ndarray" in ei.value.source
 
 
+@pytest.mark.offline
 def test_numpy_image_size():
     assert image_size(np.zeros((7, 9, 3), np.uint8)) == (7, 9)
     with pytest.raises(ImageLoadError):
@@ -652,6 +665,7 @@ def test_numpy_image_size():
 # ------------------------------------------------------------------------------------
 
 
+@pytest.mark.offline
 def test_image_extensions():
     assert isinstance(IMAGE_EXTENSIONS, frozenset)
     assert {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"} <= IMAGE_EXTENSIONS

@@ -11,10 +11,14 @@ from deepcount.loss import BETA, OMEGA, csrnet_loss, official_loss, paper_loss
 from deepcount.model import MAP_SIZES
 
 
-@pytest.fixture(scope="module")
-def batch(shb_root):
-    """Two real crops' targets and predictions that differ from them by known noise."""
-    crops = CrowdCrops(shanghaitech(shb_root, "B", "train")[:2])
+@pytest.fixture(scope="module", params=[pytest.param("synthetic", marks=pytest.mark.offline), "shb"])
+def batch(request):
+    """Two crops' targets (real ShanghaiTech B crops, or offline synthetic ones) and predictions
+    that differ from them by known noise."""
+    if request.param == "synthetic":
+        crops = CrowdCrops(request.getfixturevalue("synthetic")[:2])
+    else:
+        crops = CrowdCrops(shanghaitech(request.getfixturevalue("shb_root"), "B", "train")[:2])
     samples = [crops.sample(0, 10, 20), crops.sample(1, 100, 300, flip=True)]
     map_targets = [torch.stack([s[1][k] for s in samples]) for k in range(5)]
     count_target = torch.stack([s[1][5] for s in samples])

@@ -12,6 +12,7 @@ from torch import nn
 from deepcount.model import (ALL_BRANCHES, INPUT_SIZE, MAP_SIZES, CSRNet, DeepCount,
                              count_parameters)
 
+pytestmark = pytest.mark.offline  # the network alone: no datasets, no weights
 
 
 @pytest.fixture(autouse=True)

@@ -69,6 +69,7 @@ def test_a_mask_counts_as_its_polygon(tmp_path, shb_test):
     ("{not json", "not valid JSON"),
     ('{"a": [[0, 0], [1, 0], [1, "x"]]}', "could not convert"),
 ])
+@pytest.mark.offline
 def test_bad_region_files_are_refused(tmp_path, text, message):
     path = tmp_path / "zone.json"
     path.write_text(text)

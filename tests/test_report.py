@@ -81,6 +81,7 @@ def table(text: str, title: str) -> dict[str, list[str]]:
     return rows
 
 
+@pytest.mark.offline
 def test_report_places_every_run(run_dir):
     runs, problems = load_runs([run_dir])
     assert problems == [] and len(runs) == len(RUNS)  # the sidecar is not a run
@@ -154,6 +155,7 @@ def test_report_places_every_run(run_dir):
     assert "leaky_relu, branches 1,2,3,4,5" in run_list
 
 
+@pytest.mark.offline
 def test_report_with_no_runs_of_a_table_leaves_dashes(run_dir):
     runs, _ = load_runs([run_dir / "08_mall.json"])
     text = report(runs)
@@ -164,6 +166,7 @@ def test_report_with_no_runs_of_a_table_leaves_dashes(run_dir):
     assert "Evaluation settings side by side" not in text
 
 
+@pytest.mark.offline
 def test_branch_flops_follow_eq_7():
     flops = branch_flops()
     # Table 7 prints branches 2-5 as these (rounded); branch 1 is Table 5's own sum, 8596.
@@ -186,6 +189,7 @@ def test_real_evaluation_goes_into_the_report(shb_root, tmp_path):
     assert t9["Branches 1-2 detached"][col] == f"{result.metrics['count']['mae']:.2f} [1]"
 
 
+@pytest.mark.offline
 def test_cli_report(run_dir, tmp_path, capsys):
     out = tmp_path / "out" / "report.md"
     assert main(["report", str(run_dir / "01_shb.json"), str(run_dir / "02_sha.json"), "--out", str(out)]) == 0

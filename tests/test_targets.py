@@ -8,6 +8,7 @@ import pytest
 from scipy.signal import convolve2d
 
 from deepcount.datasets import shanghaitech
+from deepcount.images import load_image
 from deepcount.model import MAP_SIZES
 from deepcount.targets import (OFFICIAL, PAPER, POOL_FACTORS, GroundTruthCache, GroundTruthConfig,
                                HeadKernels, density_map, gaussian_1d, head_pixels, sum_pool)
@@ -50,6 +51,20 @@ def test_every_map_keeps_the_mass_on_every_shanghaitech_b_test_image(shb_test):
     assert checked == 6 * 316
 
 
+@pytest.mark.offline
+def test_every_map_keeps_the_mass_of_synthetic_heads_on_the_border_and_past_it(synthetic):
+    for item in synthetic:
+        h, w = load_image(item.image).shape[:2]
+        k = HeadKernels.from_points(item.points, h, w, PAPER)
+        for m in k.pyramid().maps:  # maps of the whole image (its size need not divide by 64)
+            assert abs(float(m.sum(dtype=np.float64)) - item.count) < 1e-3, item.image
+        for top, left in [(0, 0), (h - 200, w - 300)]:  # a corner crop and one overhanging the image
+            t = k.crop(top, left)
+            expected = _in_region(item.points, top, left, 384, 512, h, w)
+            assert [m.shape for m in t.maps] == [MAP_SIZES[b] for b in sorted(MAP_SIZES)]
+            assert all(abs(float(m.sum(dtype=np.float64)) - expected) < 1e-3 for m in t.maps)
+
+
 def test_heads_annotated_outside_the_image_are_kept_at_its_border(shb_test):
     outside = [it for it in shb_test if ((it.points < -0.5) | (it.points[:, :1] > W - 0.5)
                                           | (it.points[:, 1:] > H - 0.5)).any()]
@@ -86,6 +101,7 @@ def test_official_density_is_a_49x49_sigma_10_convolution_that_loses_border_mass
     assert abs(paper.sum(dtype=np.float64) - it.count) < 1e-3
 
 
+@pytest.mark.offline
 def test_paper_kernel_is_sigma_5():
     assert PAPER.sigma == 5.0 and PAPER.radius == 15
     d = density_map(np.array([[500.0, 400.0]]), H, W)
@@ -95,6 +111,7 @@ def test_paper_kernel_is_sigma_5():
     assert np.unravel_index(d.argmax(), d.shape) == (400, 500)
 
 
+@pytest.mark.offline
 def test_small_image_crop_is_padded_with_zero_targets():
     points = np.array([[10.0, 10.0], [300.0, 200.0], [299.0, 249.0]])
     k = HeadKernels.from_points(points, 250, 300)  # smaller than 384x512
@@ -104,6 +121,7 @@ def test_small_image_crop_is_padded_with_zero_targets():
     assert np.all(m1[32:, :] == 0) and np.all(m1[:, 38:] == 0)
 
 
+@pytest.mark.offline
 def test_points_pixel_convention():
     # (x, y) = (0, 0) is the centre of the top-left pixel; -0.5 .. 0.5 all fall in pixel 0.
     px = head_pixels(np.array([[0.0, 0.0], [0.49, -0.5], [0.5, 1.49], [99.7, 50.2]]), 60, 100)
@@ -130,6 +148,7 @@ def test_cache_is_keyed_by_content_and_settings(tmp_path, shb_test):
     np.testing.assert_array_equal(a.wy, c.wy)
 
 
+@pytest.mark.offline
 def test_config_validation():
     with pytest.raises(ValueError):
         GroundTruthConfig(sigma=0)

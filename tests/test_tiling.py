@@ -19,6 +19,7 @@ from deepcount.tiling import DensityMap, count_tiles, plan_tiles, stitch, tile_b
     (700, 500, "pad", 2, 1), (700, 500, "grid", 2, 1), (300, 200, "pad", 1, 1), (300, 200, "grid", 1, 1),
     (1100, 1600, "pad", 3, 4), (1100, 1600, "grid", 3, 3), (6000, 8000, "pad", 16, 16),
 ])
+@pytest.mark.offline
 def test_plans(h, w, mode, rows, cols):
     plan = plan_tiles(h, w, mode)
     assert (plan.rows, plan.cols) == (rows, cols)
@@ -28,6 +29,7 @@ def test_plans(h, w, mode, rows, cols):
         assert plan.working_size == (h, w)
 
 
+@pytest.mark.offline
 def test_bad_mode_is_refused():
     with pytest.raises(ValueError, match="pad"):
         plan_tiles(10, 10, "crop")
@@ -55,9 +57,12 @@ def small_model():
     return DeepCount(width=0.125).eval()
 
 
-@pytest.fixture(scope="module")
-def photo(shb_root):
-    return load_image(shb_root / "part_B_final/test_data/images/IMG_1.jpg")
+@pytest.fixture(scope="module", params=[pytest.param("synthetic", marks=pytest.mark.offline), "shb"])
+def photo(request):
+    """A 768x1024 photo: ShanghaiTech B test IMG_1, or (offline) the synthetic one of that size."""
+    if request.param == "synthetic":
+        return load_image(request.getfixturevalue("synthetic")[3].image)
+    return load_image(request.getfixturevalue("shb_root") / "part_B_final/test_data/images/IMG_1.jpg")
 
 
 def test_tiles_are_the_image_cut_and_padded(photo):
@@ -120,6 +125,7 @@ def test_csrnet_counts_through_the_same_tiles(photo):
     assert total == pytest.approx(density.count, rel=1e-4)
 
 
+@pytest.mark.offline
 def test_density_map_to_pixels_keeps_the_count():
     values = np.random.default_rng(0).random((3, 4)).astype(np.float32)
     d = DensityMap(values, (128.0, 128.0), (300, 500))

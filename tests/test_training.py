@@ -72,6 +72,7 @@ def runs(tmp_path_factory, shb_root):
     return out, result
 
 
+@pytest.mark.offline
 def test_config_files_hold_the_two_recipes():
     paper = parse_config(["--config", str(REPO / "configs/shb.yaml")])
     official = parse_config(["--config", str(REPO / "configs/shb_official.yaml")])
@@ -93,6 +94,7 @@ def test_config_files_hold_the_two_recipes():
     assert detached.model.branches == [4, 5]
 
 
+@pytest.mark.offline
 def test_bad_configs_are_refused_with_the_fix(capsys):
     with pytest.raises(SystemExit) as e:
         parse_config(["--model.widht", "0.5"])
@@ -135,6 +137,7 @@ def test_a_union_trains_on_every_dataset_each_keeping_its_validation_images(data
         check_config(parse_config(["--config", str(union), "--data.dataset", "[shb, shb]"]))
 
 
+@pytest.mark.offline
 def test_sampler_is_a_seeded_permutation_split_over_ranks():
     s = CropSampler(10, batch_size=3, seed=1)
     first = list(s)
@@ -147,6 +150,20 @@ def test_sampler_is_a_seeded_permutation_split_over_ranks():
     resumed = CropSampler(10, 3, seed=1)
     resumed.resume_step = 2  # two batches of epoch 0 done
     assert list(resumed) == first[6:] and list(resumed) == first  # only the first pass skips
+
+
+@pytest.mark.offline
+def test_a_tiny_run_on_synthetic_data_trains_exports_and_counts(synthetic, tmp_path):
+    root = Path(synthetic[0].image).parent
+    cfg = parse_config(["--config", str(REPO / "configs" / "shb.yaml"), *SMALL, "--data.dataset", "custom",
+                        "--data.root", str(root), "--data.split", "all", "--out", str(tmp_path), "--name", "synthetic",
+                        "--trainer.max_steps", "2", "--trainer.checkpoint_every_n_steps", "1"])
+    result = train(cfg)
+    assert result["global_step"] == 2 and (tmp_path / "synthetic" / "checkpoints" / "last.ckpt").is_file()
+    net, info = load_network(result["weights"])
+    assert info["dataset"] == "custom" and info["sha256"] == sha256_file(result["weights"])
+    counted = Counter(net, info, torch.device("cpu")).count(synthetic[1].image)
+    assert counted.count >= 0 and len(counted.tile_counts) == 4  # 500x700: 2x2 tiles
 
 
 def test_training_lowers_the_loss_and_writes_the_run(runs, shb_root):

