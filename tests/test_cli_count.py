@@ -19,7 +19,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from deepcount import Counter, CountResult
-from deepcount.cli import density_names, expand_paths, main
+from deepcount.cli import main
+from deepcount.cli.count import density_names, expand_paths
 from deepcount.model import DeepCount
 from deepcount.pictures import overlay
 
@@ -275,7 +276,7 @@ def test_usage_model_and_device_errors_exit_2_without_counting(argv, message, tr
 @pytest.mark.parametrize("command", [["count", "x.jpg"], ["evaluate"], ["video", "x.mp4"], ["serve"],
                                      ["export", "--format", "onnx", "--output", "x.onnx"]])
 def test_every_command_spells_and_checks_device_and_model_alike(command, capsys):
-    from deepcount.cli import device_arg
+    from deepcount.cli.common import device_arg
 
     assert [device_arg(d) for d in ("auto", "cpu", "cuda", "cuda:1")] == ["auto", "cpu", "cuda", "cuda:1"]
     with pytest.raises(SystemExit) as e:  # a wrong device is a usage error before anything runs

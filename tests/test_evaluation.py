@@ -66,7 +66,7 @@ class KnownCSRNet(CSRNet):
 @pytest.fixture(scope="module")
 def sha_items(shb_root):
     ds = shanghaitech(shb_root, "A", "test")
-    return CrowdDataset("shanghaitech_A", "test", [ds[i] for i in SHA_INDICES])
+    return CrowdDataset(ds.name, "test", [ds[i] for i in SHA_INDICES])
 
 
 def _tiles(h: int, w: int, mode: str) -> tuple[int, int]:
@@ -157,7 +157,7 @@ def test_known_csrnet_counts_by_its_map_without_padding_cells(sha_items, tiling)
 @pytest.mark.parametrize("tiling", ["pad", "grid"])
 def test_blurred_protocol_truth_is_the_blurred_maps_sum(sha_items, tiling):
     model = KnownDeepCount()
-    items = CrowdDataset("shanghaitech_A", "test", list(sha_items)[:4])
+    items = CrowdDataset("shanghaitech_A", "test", list(sha_items)[:4])  # its former name: read as sha
     result = evaluate(model, items, tiling=tiling, protocol="blurred", ground_truth=OFFICIAL,
                       branches=(), device="cpu", progress=False)
     assert result.ground_truth == OFFICIAL

@@ -50,7 +50,8 @@ def test_weights_holding_nan_are_refused(tmp_path):
 
 # ----------------------------------------------------------------------------- training
 pytest.importorskip("lightning")
-from deepcount.training import CheckpointError, ConfigError, main, parse_config, train  # noqa: E402
+from deepcount.cli.train import main  # noqa: E402
+from deepcount.training import CheckpointError, ConfigError, parse_config, train  # noqa: E402
 
 SMALL = ["--model.width", "0.125", "--data.limit", "6", "--data.batch_size", "2", "--data.num_workers", "0",
          "--data.cache_targets", "false", "--export.source", "last", "--trainer.progress_bar", "false",
@@ -283,7 +284,7 @@ def test_points_far_outside_the_image_are_an_error_naming_the_file(tmp_path, dat
 
 
 def test_json_rows_never_hold_nan():
-    from deepcount.cli import _finite
+    from deepcount.cli.count import _finite
 
     doc = _finite({"total": float("nan"), "images": [{"count": float("inf")}, {"count": 2.5}]})
     assert json.loads(json.dumps(doc, allow_nan=False)) == {"total": None, "images": [{"count": None}, {"count": 2.5}]}

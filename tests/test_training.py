@@ -30,10 +30,10 @@ from deepcount.training import (  # noqa: E402
     TrainerConfig,
     build_network,
     check_config,
-    main,
     parse_config,
     train,
 )
+from deepcount.cli.train import main  # noqa: E402
 from deepcount.loss import paper_loss  # noqa: E402
 from deepcount.weights import read_safetensors, sha256_file  # noqa: E402
 

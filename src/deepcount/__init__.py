@@ -7,6 +7,14 @@ fusion") and are run at inference only when a density map is asked for.
 
 __version__ = "0.1.0"
 
-from .predict import Counter, CountResult  # noqa: E402  (the public entry point)
-
 __all__ = ["Counter", "CountResult", "__version__"]
+
+
+def __getattr__(name: str):
+    """``Counter`` and ``CountResult`` (the public entry point), imported on first use so that
+    importing the package (the command line's ``--help``, a submodule) does not import torch."""
+    if name in ("Counter", "CountResult"):
+        from . import predict
+
+        return getattr(predict, name)
+    raise AttributeError(f"module 'deepcount' has no attribute {name!r}")

@@ -89,17 +89,6 @@ def as_regions(regions: "str | os.PathLike | Region | list[Region]") -> list[Reg
     return list(regions)
 
 
-def region_option(path: str | os.PathLike | None) -> tuple[list[Region] | None, str | None]:
-    """A command's ``--region FILE``: its regions (None without the option), or the one-line
-    reason it cannot be used."""
-    if path is None:
-        return None, None
-    try:
-        return load_regions(path), None
-    except RegionError as e:
-        return None, f"--region: {e}"
-
-
 def load_regions(path: str | os.PathLike) -> list[Region]:
     """The regions of a JSON polygon file or a mask image (see the module)."""
     path = Path(path)

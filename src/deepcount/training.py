@@ -30,7 +30,6 @@ import math
 import os
 import random
 import subprocess
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -42,7 +41,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from .cache import atomic_path
-from .datasets import (OUTSIDE_POLICIES, CrowdCrops, CrowdDataset, DataNotFoundError, crop_batch,
+from .datasets import (OUTSIDE_POLICIES, CrowdCrops, CrowdDataset, crop_batch,
                        handle_points_outside, load_dataset, train_val_split, unreadable_images)
 from .engines import default_batch_size, native_bf16, retain_cpu_memory
 from .images import DEFAULT_MAX_PIXELS, load_image
@@ -1072,28 +1071,3 @@ def parse_config(argv: Sequence[str]) -> TrainConfig:
     ns.pop("print_config", None)
     cfg = parser.instantiate(ns) if hasattr(parser, "instantiate") else parser.instantiate_classes(ns)
     return TrainConfig(**{k: getattr(cfg, k) for k in TrainConfig.__dataclass_fields__})
-
-
-def main(argv: Sequence[str]) -> int:
-    """``deepcount train ...``: 0 on success, 1 when training fails, 2 for a bad config."""
-    from .extras import MissingExtraError, require
-
-    try:
-        require("train")
-    except MissingExtraError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    cfg = parse_config(argv)
-    try:
-        check_config(cfg)
-        result = train(cfg)
-    except (ConfigError, DataNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if "weights" in result:
-        print(f"weights: {result['weights']}\nsidecar: {result['sidecar']}\n"
-              f"metrics: {json.dumps(result['metrics'])}")
-    return 0

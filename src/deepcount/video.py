@@ -31,7 +31,6 @@ Decisions:
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
@@ -44,7 +43,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from .cli import BATCH_SIZE_HELP, TILING_HELP, TILING_MODES, add_device_option, add_model_option, positive_int
 
 if TYPE_CHECKING:  # heavy imports stay out of ``deepcount --help``
     import numpy as np
@@ -57,7 +55,7 @@ STREAM_TIMEOUT_MS = 15000  # open/read timeout for stream URLs, so a dead camera
 OUTPUT_FOURCC = "mp4v"
 
 __all__ = ["FrameCount", "VideoError", "VideoOutputError", "VideoRun", "VideoSourceError",
-           "add_command", "count_video", "parse_source"]
+           "count_video", "parse_source"]
 
 
 class VideoError(OSError):
@@ -102,11 +100,11 @@ def parse_source(source: str | int | os.PathLike) -> str | int:
     return int(text) if text.isdigit() else text
 
 
-def _is_url(source: str | int) -> bool:
+def is_url(source: str | int) -> bool:
     return isinstance(source, str) and "://" in source
 
 
-def _describe(source: str | int) -> str:
+def describe_source(source: str | int) -> str:
     return f"webcam {source}" if isinstance(source, int) else repr(source)
 
 
@@ -116,7 +114,7 @@ def source_stem(source: str | int | os.PathLike) -> str:
     source = parse_source(source)
     if isinstance(source, int):
         return f"camera{source}"
-    if _is_url(source):
+    if is_url(source):
         url = urlparse(source)
         stem = Path(url.path).stem or (url.hostname or "stream")
     else:
@@ -167,15 +165,15 @@ def open_source(source: str | int | os.PathLike):
     :class:`VideoSourceError` saying why not."""
     cv2 = _cv2()
     source = parse_source(source)
-    name = _describe(source)
-    if isinstance(source, str) and not _is_url(source):
+    name = describe_source(source)
+    if isinstance(source, str) and not is_url(source):
         path = Path(source)
         if not path.exists():
             raise VideoSourceError(f"cannot open video source {name}: no such file")
         if path.is_dir():
             raise VideoSourceError(f"cannot open video source {name}: is a folder, not a video")
     with _native_stderr() as said:
-        if _is_url(source):
+        if is_url(source):
             params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, STREAM_TIMEOUT_MS,
                       cv2.CAP_PROP_READ_TIMEOUT_MSEC, STREAM_TIMEOUT_MS]
             cap = cv2.VideoCapture(source, cv2.CAP_ANY, params)
@@ -186,7 +184,7 @@ def open_source(source: str | int | os.PathLike):
         cap.release()
         if isinstance(source, int):
             why = f"no camera at index {source} (or it is in use)"
-        elif _is_url(source):
+        elif is_url(source):
             why = "cannot connect, or not a stream OpenCV can read"
         else:
             why = "not a video OpenCV can read"
@@ -237,7 +235,7 @@ class VideoRun:
                 raise VideoSourceError("cannot open video source <capture>: it is not opened")
         else:
             self.source = parse_source(source)
-            self.name = _describe(self.source)
+            self.name = describe_source(self.source)
             self._cap, self._owns_cap = open_source(self.source), True
         fps = self._cap.get(cv2.CAP_PROP_FPS)
         self.fps_reported = bool(math.isfinite(fps) and 0 < fps <= MAX_FPS)
@@ -401,120 +399,3 @@ def write_plot(counts: list[FrameCount], path: str | os.PathLike, title: str) ->
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, format="png")
-
-
-# ----------------------------------------------------------------------------- command line
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _run(args: argparse.Namespace) -> int:
-    from .predict import Counter
-    from .regions import RegionError, region_option
-
-    def fail(message: str) -> int:
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-
-    try:
-        source = parse_source(args.source)
-    except (TypeError, ValueError) as e:
-        return fail(str(e))
-    regions, problem = region_option(args.region)
-    if problem:
-        return fail(problem)
-    out_dir = Path(args.out)
-    stem = source_stem(source)
-    csv_path = Path(args.csv) if args.csv else out_dir / f"{stem}_counts.csv"
-    output = Path(args.output) if args.output else None
-    if output is not None and isinstance(source, str) and _same_file(output, Path(source)):
-        return fail(f"--output {str(output)!r} is the source video itself")
-    try:
-        cap = open_source(source)  # before loading the model: a bad source fails at once
-    except VideoError as e:
-        return fail(str(e))
-    try:
-        try:
-            counter = Counter.load(args.model, device=args.device, tiling=args.tiling,
-                                   batch_size=args.batch_size)
-        except (KeyError, ValueError, OSError) as e:
-            return fail(str(e).strip("'\""))
-        print(f"model: {counter.description}", file=sys.stderr)
-        for path in (csv_path, output, Path(args.plot) if args.plot else None):
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-        live = isinstance(source, int) or _is_url(source)
-        if live and args.max_frames is None:
-            print("note: reading until the stream ends or Ctrl-C; --max-frames N stops after N "
-                  "counted frames", file=sys.stderr)
-        interrupted = False
-        with VideoRun(counter, cap, args.every, args.max_frames, output,
-                      progress=not args.quiet, regions=regions) as run:
-            run.name = _describe(source)
-            try:
-                for _ in run:
-                    pass
-            except KeyboardInterrupt:  # keep what was counted: files are still written
-                interrupted = True
-                print("\ninterrupted", file=sys.stderr)
-            except (VideoError, RegionError) as e:  # RegionError: a mask of another size than the frames
-                return fail(str(e))
-    finally:
-        cap.release()
-    counts = run.counts
-    written = [csv_path]
-    write_csv(counts, csv_path)
-    if args.plot:
-        write_plot(counts, args.plot, f"{stem}: people over time\nmodel: {counter.name}")
-        written.append(Path(args.plot))
-    if output is not None and counts:
-        written.append(output)
-    values = [c.count for c in counts]
-    fps_note = "" if run.fps_reported else " (assumed: the source reports none)"
-    print(f"source          {_describe(source)}, {run.fps:g} fps{fps_note}"
-          + (f", {run.frame_size[1]}x{run.frame_size[0]}" if run.frame_size else ""))
-    print(f"frames read     {run.frames_read}")
-    print(f"frames counted  {len(counts)}" + (f" (every {args.every})" if args.every > 1 else ""))
-    if values:
-        print(f"count           mean {sum(values) / len(values):.1f}   "
-              f"min {min(values):.1f}   max {max(values):.1f}")
-    for path in written:
-        print(f"wrote           {path}")
-    return 130 if interrupted else 0
-
-
-def add_command(subparsers) -> None:
-    """Register the `video` subcommand on the `deepcount` parser."""
-    p = subparsers.add_parser(
-        "video", help="count people in a video file, webcam or stream",
-        description="Count people in every Nth frame of a video file, a webcam (its index, e.g. 0) "
-                    "or a stream URL (rtsp://, http://, ...): a CSV of counts over time, and "
-                    "optionally a plot and an annotated video with the density map.")
-    p.add_argument("source", help="video file, webcam index (all digits) or stream URL")
-    p.add_argument("--every", type=positive_int, default=1, metavar="N",
-                   help="count every Nth frame (default 1: all)")
-    p.add_argument("--max-frames", type=positive_int, default=None, metavar="N",
-                   help="stop after N counted frames (for webcams and streams)")
-    p.add_argument("--out", default=".", metavar="DIR",
-                   help="folder for the default CSV, <source stem>_counts.csv (default: .)")
-    p.add_argument("--csv", default=None, metavar="FILE",
-                   help="CSV of frame,time_s,count (default: DIR/<stem>_counts.csv)")
-    p.add_argument("--plot", default=None, metavar="FILE", help="also a count-over-time PNG")
-    p.add_argument("--output", default=None, metavar="FILE.mp4",
-                   help="also an annotated video (mp4v): the counted frames with the density map "
-                        "and the count, at source fps / N; computes the map (slower)")
-    p.add_argument("--region", metavar="FILE",
-                   help="also count inside regions (a JSON polygon file or a mask image, as for "
-                        "`count --region`): a region:<name> column per region in the CSV, outlines on "
-                        "--output, lines on --plot; computes the density map (slower)")
-    add_model_option(p)
-    p.add_argument("--tiling", default=None, choices=list(TILING_MODES),
-                   help=TILING_HELP)
-    p.add_argument("--batch-size", type=positive_int, default=None,
-                   help=BATCH_SIZE_HELP)
-    add_device_option(p)
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    p.set_defaults(func=_run)

@@ -1,4 +1,5 @@
-"""The ``deepcount`` command line."""
+"""``deepcount count``: count the people in images (files, folders, glob patterns), a table on
+stdout, optional CSV / JSON rows and density pictures."""
 
 from __future__ import annotations
 
@@ -15,58 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from . import __version__
-from .images import DEFAULT_MAX_PIXELS
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1 (subcommand modules share it)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-# --batch-size of count, evaluate, video and serve (the default is engines.default_batch_size)
-BATCH_SIZE_HELP = ("tiles per forward pass (default: 2 on a CPU, where more does not count faster "
-                   "and only takes memory; 8 on a GPU)")
-
-
-def device_arg(text: str) -> str:
-    """argparse type of every command's ``--device``: auto, cpu, cuda or cuda:N (whether that
-    device exists is checked by ``predict.resolve_device`` when the command runs)."""
-    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", text) is None:
-        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
-    return text
-
-
-def add_device_option(p: argparse.ArgumentParser, default: str = "auto", what: str = "") -> None:
-    """``--device``, spelled and checked the same in every command."""
-    p.add_argument("--device", default=default, type=device_arg, metavar="auto|cpu|cuda|cuda:N",
-                   help=(what or "where the model runs") + "; auto: the first CUDA device if torch sees "
-                        "one, else the CPU (default: %(default)s)")
-
-
-def add_model_option(p: argparse.ArgumentParser) -> None:
-    """``--model``, the same in every command (``evaluate`` also takes its old ``--weights``)."""
-    p.add_argument("--model", default="default", metavar="NAME|FILE",
-                   help="a registered model (`deepcount models` lists them; default: the bundled "
-                        "default model) or a .safetensors file (its <stem>.json sidecar is read when "
-                        "present); count, video and serve also run a `deepcount export` .onnx file")
-
-
-# --tiling of count, evaluate, video and serve (deepcount.tiling.MODES, without importing torch)
-TILING_MODES = ("pad", "grid", "features")
-TILING_HELP = ("default: the model's own (its sidecar; `deepcount models` shows it), which is what it "
-               "was measured with. pad: keep the scale, pad to whole 384x512 tiles. grid: resize to a "
-               "grid of tiles (the authors' code); on frames much smaller than 2x2 tiles it is the "
-               "fastest (a 640x480 frame: 1 tile instead of pad's 4, mostly padding) but changes the "
-               "scale people appear at. features: the frontend over the whole image, the rest on "
-               "48x64 tiles of its features (how frozen-frontend models are trained): no seams, no "
-               "frontend work on padding")
+from ..images import DEFAULT_MAX_PIXELS
+from .common import (BATCH_SIZE_HELP, TILING_HELP, TILING_MODES, add_device_option, add_model_option,
+                     printable)
+from . import COMMANDS
 
 
 # ----------------------------------------------------------------------------- count
@@ -142,7 +95,7 @@ def expand_paths(args: Sequence[str]) -> list[_Item]:
     (expanded here when the shell did not, e.g. quoted ``"dir/*.jpg"``), in argument order,
     each file once.  Arguments that name no image become error items, so they are reported
     in their place and nothing is dropped silently."""
-    from .images import IMAGE_EXTENSIONS, image_files
+    from ..images import IMAGE_EXTENSIONS, image_files
 
     items: list[_Item] = []
     seen: set[str] = set()
@@ -278,12 +231,6 @@ def _finite(value):
     return value
 
 
-def printable(name: str) -> str:
-    """A file name as text that any output can hold: bytes that are not UTF-8 (a name from
-    another encoding, kept by Python as surrogates) become ``\\xNN``."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def _count(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -306,10 +253,11 @@ def _count(args: argparse.Namespace) -> int:
 def _count_images(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .engines import out_of_memory
-    from .images import ImageLoadError
-    from .predict import Counter, resolve_device
-    from .regions import RegionError, region_option
+    from ..engines import out_of_memory
+    from ..images import ImageLoadError
+    from ..predict import Counter, resolve_device
+    from ..regions import RegionError
+    from .common import region_option
 
     def fail(message: str) -> int:
         print(f"error: {message}", file=sys.stderr)
@@ -324,7 +272,7 @@ def _count_images(args: argparse.Namespace) -> int:
     if args.density is not None:
         from matplotlib import colormaps
 
-        from .pictures import DEFAULT_CMAP
+        from ..pictures import DEFAULT_CMAP
 
         args.cmap = args.cmap or DEFAULT_CMAP
 
@@ -436,7 +384,7 @@ def _count_images(args: argparse.Namespace) -> int:
                             row["regions"] = res.regions
                             row.update({f"region:{k}": v["scaled"] for k, v in res.regions.items()})
                         if density_dir is not None:
-                            from .pictures import overlay, save_png
+                            from ..pictures import overlay, save_png
 
                             target = density_dir / pngs[it.path]
                             try:
@@ -444,7 +392,7 @@ def _count_images(args: argparse.Namespace) -> int:
                                                   label=f"count {_fmt_count(res.count)} ({counter.name})",
                                                   side_by_side=args.side_by_side)
                                 if regions is not None:
-                                    from .regions import draw_regions
+                                    from ..regions import draw_regions
 
                                     picture = draw_regions(picture, regions, res.regions)
                                 save_png(picture, target)
@@ -488,57 +436,10 @@ def _count_images(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _summary(args: argparse.Namespace) -> int:
-    from .model import CSRNet, DeepCount, count_parameters
-
-    model = DeepCount(width=args.width)
-    rows = [("frontend (VGG16 conv1_1..conv4_3)", count_parameters(model.backbone.frontend)),
-            ("backbone (inference model)", count_parameters(model.backbone))]
-    rows += [(f"branch {k}", count_parameters(b)) for k, b in model.branches.items()]
-    rows += [("DeepCount, all branches (training)", count_parameters(model)),
-             ("CSRNet (baseline)", count_parameters(CSRNet(width=args.width)))]
-    print(f"width {args.width}")
-    for name, n in rows:
-        print(f"{name:<36} {n:>12,}  {n / 1e6:7.2f} M")
-    return 0
-
-
-def _models(args: argparse.Namespace) -> int:
-    from .weights import available_models
-
-    rows = available_models()
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-
-    def test(row: dict) -> str:
-        return "; ".join(f"{ds} MAE {m['mae']:.1f} RMSE {m['rmse']:.1f} ({m['images']} images)"
-                         for ds, m in row["test"].items()) or "not measured"
-
-    def size(row: dict) -> str:
-        return f"{row['size'] / 1e6:.0f} MB" if row["size"] is not None else "-"
-
-    table = [("name", "trained on", "test (full sets, points)", "tiling", "size", "here")]
-    table += [(r["name"] + (" (default)" if r["default"] else ""), r["dataset"], test(r), r["tiling"], size(r),
-               r["where"]) for r in rows]
-    widths = [max(len(t[i]) for t in table) for i in range(len(table[0]))]
-    for t in table:
-        print("  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip())
-    print("\n".join(["", *(f"{r['name']}: {r['description']}" for r in rows)]))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["train"]:  # its own parser: YAML configs and --section.key overrides
-        from . import training
-        return training.main(argv[1:])
-    parser = argparse.ArgumentParser(prog="deepcount", description="DeepCount crowd counting")
-    parser.add_argument("--version", action="version", version=f"deepcount {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_command(sub) -> None:
+    """Register ``count``."""
     p = sub.add_parser(
-        "count", help="count people in images",
+        "count", help=COMMANDS["count"][1],
         description="Count the people in images: a table on stdout, the model and any errors on "
                     "stderr. A file that cannot be read is reported and the run goes on; the exit "
                     "code is 1 if any path failed, 2 for a usage, model or device error.")
@@ -571,40 +472,3 @@ def main(argv: list[str] | None = None) -> int:
                    help="matplotlib colormap for --density (default: inferno, perceptually ordered)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_count)
-
-    sub.add_parser("train", add_help=False,
-                   help="train DeepCount or the CSRNet baseline from a YAML config "
-                        "(deepcount train --help)")
-
-    p = sub.add_parser("models", help="list the registered models",
-                       description="The models --model takes by name: what each was trained on, its "
-                                   "MAE/RMSE on full test sets (docs/RESULTS.md), its file size and "
-                                   "whether it is here (bundled in the package, cached, or fetched or "
-                                   "converted on first use).")
-    p.add_argument("--json", action="store_true", help="print the list as JSON")
-    p.set_defaults(func=_models)
-
-    p = sub.add_parser("summary", help="parameter counts per module (Table 1)",
-                       description="Parameter counts of DeepCount's frontend, backbone (the inference "
-                                   "model: 21.4M in Table 1) and each branch, and of the CSRNet "
-                                   "baseline, at a channel width; builds the networks, loads no weights.")
-    p.add_argument("--width", type=float, default=1.0,
-                   help="channel multiplier (1.0: the paper's network; default: %(default)s)")
-    p.set_defaults(func=_summary)
-
-    # Each of these modules owns its subcommand (its parser and what it runs).
-    from . import evaluation, export, report, serve, video
-    for module in (video, export, serve, evaluation, report):
-        module.add_command(sub)
-
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except BrokenPipeError:  # whoever read stdout went away (`deepcount models | head -3`)
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
