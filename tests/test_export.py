@@ -240,7 +240,9 @@ def test_cli_export_fails_with_exit_1_when_outputs_differ(small, img_small, tmp_
         run = real(path, fmt, device)
         return lambda x: [o + 1e-3 * o.abs().max().clamp_min(1) for o in run(x)]  # 1e-3 rel
 
-    monkeypatch.setattr(ex, "exported_fn", off_by_a_bit)
+    import deepcount.cli.export as command
+
+    monkeypatch.setattr(command, "exported_fn", off_by_a_bit)  # what the command checks with
     rc, out, _ = run_cli("export", "--format", "onnx", "--model", small[0], "--output",
                          tmp_path / "t.onnx", "--check-images", img_small)
     assert rc == 1 and re.search(r"^FAIL: ", out, re.M) and "PASS" not in out
