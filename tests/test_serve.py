@@ -347,6 +347,16 @@ def test_model_error_is_500_with_the_message_and_frees_the_slot(small_png):
         assert post(c, small_png).status_code == 200  # queue=0, one slot: it was freed
 
 
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")])
+def test_out_of_memory_is_500_saying_so_and_frees_the_slot(small_png, error):
+    stub = StubCounter(error=error)
+    with TestClient(create_app(stub, ServeSettings(max_concurrency=1, queue=0))) as c:
+        r = post(c, small_png)
+        assert r.status_code == 500 and r.json()["detail"] == "counting failed: out of memory"
+        stub.error = None
+        assert post(c, small_png).status_code == 200
+
+
 def test_raw_body_and_png_format(small_png):
     stub = StubCounter()
     with TestClient(create_app(stub)) as c:

@@ -498,12 +498,10 @@ def create_app(counter: Any, settings: ServeSettings | None = None):
                                          "its slot") from None
             except ImageLoadError as e:
                 raise HTTPException(422, f"not a usable image: {e.reason}") from None
-            except (MemoryError, RuntimeError) as e:
-                if not out_of_memory(e):
-                    raise
-                log.exception("out of memory while counting")
-                raise HTTPException(500, "counting failed: out of memory") from None
             except Exception as e:
+                if out_of_memory(e):
+                    log.exception("out of memory while counting")
+                    raise HTTPException(500, "counting failed: out of memory") from None
                 log.exception("counting failed")
                 text = str(e).strip()
                 raise HTTPException(500, f"counting failed: {type(e).__name__}"
