@@ -141,7 +141,9 @@ def test_bf16_counts_smoke(tmp_path):
     assert positive(r["total_fp32"]) and positive(r["total_bf16"])
     assert r["total_rel_diff"] < 0.05 and isinstance(r["within_target_total"], bool)
     if not torch.cuda.is_available():
-        assert r["device"] == "cpu" and d["cuda"] == NO_GPU
+        from deepcount.engines import native_bf16
+
+        assert r["device"] == "cpu" and d["cuda"] == NO_GPU and r["bf16_native"] == native_bf16("cpu")
 
 
 def test_frozen_frontend_smoke(tmp_path):

@@ -3,6 +3,8 @@ the plain path's numbers (float32 tolerance; bf16 within its own), and the switc
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -71,6 +73,23 @@ def test_the_environment_switch_and_bad_engines(tiny, monkeypatch):
     with pytest.raises(ValueError, match="applies to a PyTorch model"):
         Counter(lambda batch, branch: (batch.sum((1, 2, 3)), None), {"backend": "onnxruntime"},
                 torch.device("cpu"), engine="channels_last")
+
+
+@pytest.mark.offline
+def test_bf16_on_a_cpu_that_only_emulates_it_warns_and_still_counts(tiny, monkeypatch):
+    import deepcount.engines as engines
+
+    x = torch.rand(1, 3, 384, 512)
+    monkeypatch.setattr(engines, "native_bf16", lambda device="cpu": False)
+    with pytest.warns(UserWarning, match="only emulates"):
+        run = engine_runner(tiny, "bf16", "cpu")
+    count, _ = run(x, None)
+    assert torch.isfinite(count).all()
+    monkeypatch.setattr(engines, "native_bf16", lambda device="cpu": True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine_runner(tiny, "bf16", "cpu")
+        engine_runner(tiny, "channels_last", "cpu")
 
 
 @pytest.mark.parametrize("net", ["deepcount", "csrnet"])
