@@ -146,6 +146,16 @@ def test_bf16_counts_smoke(tmp_path):
         assert r["device"] == "cpu" and d["cuda"] == NO_GPU and r["bf16_native"] == native_bf16("cpu")
 
 
+def test_cli_help_smoke_imports_neither_torch_nor_lightning(tmp_path):
+    from deepcount.cli import COMMANDS
+
+    r = bench("cli_help", tmp_path)["result"]
+    assert set(r) == {"(none)", *COMMANDS}
+    for command, row in r.items():
+        assert row["imports"] == {"torch": False, "lightning": False}, command
+        assert positive(row["median_s"]) and row["runs"] == 1
+
+
 def test_frozen_frontend_smoke(tmp_path):
     d = bench("frozen_frontend", tmp_path)
     train = d["training"]

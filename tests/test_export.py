@@ -24,7 +24,7 @@ from deepcount import export as ex
 from deepcount.cli import main
 from deepcount.images import load_image
 from deepcount.model import MAP_SIZES, DeepCount, architecture, count_parameters
-from deepcount.weights import DEFAULT_MODEL, REGISTRY
+from deepcount.weights import REGISTRY
 
 TOL = 1e-4
 
@@ -240,12 +240,18 @@ def test_cli_export_fails_with_exit_1_when_outputs_differ(small, img_small, tmp_
         run = real(path, fmt, device)
         return lambda x: [o + 1e-3 * o.abs().max().clamp_min(1) for o in run(x)]  # 1e-3 rel
 
-    import deepcount.cli.export as command
-
-    monkeypatch.setattr(command, "exported_fn", off_by_a_bit)  # what the command checks with
+    monkeypatch.setattr(ex, "exported_fn", off_by_a_bit)  # what the command checks with
     rc, out, _ = run_cli("export", "--format", "onnx", "--model", small[0], "--output",
                          tmp_path / "t.onnx", "--check-images", img_small)
     assert rc == 1 and re.search(r"^FAIL: ", out, re.M) and "PASS" not in out
+
+
+@pytest.mark.offline
+def test_the_commands_help_names_the_exporters_formats_and_defaults():
+    import deepcount.cli.export as command
+
+    assert (command.FORMATS, command.OPSET, command.EXAMPLE_PHOTO, command.EXAMPLE_RESCALE) == \
+        (ex.FORMATS, ex.OPSET, ex.EXAMPLE_PHOTO, ex.EXAMPLE_RESCALE)
 
 
 def test_torchscript_parity_and_metadata(small, tiles, tmp_path, img_small):

@@ -183,7 +183,7 @@ FROZEN = ["--model.width", "0.125", "--model.frontend", "none", "--model.frozen"
 
 def frozen_run(out: Path, name: str, steps: int, resume: str | None = None):
     pytest.importorskip("lightning")
-    from deepcount.training import parse_config
+    from deepcount.config import parse_config
 
     return parse_config(["--config", str(REPO / "configs" / "shb.yaml"), *FROZEN, "--out", str(out),
                          "--name", name, "--trainer.max_steps", "5", "--trainer.checkpoint_every_n_steps", str(steps),
@@ -227,7 +227,8 @@ def test_frozen_frontend_training_reads_the_cache_and_resumes_exactly(tmp_path, 
 
 def test_count_bias_starts_at_the_mean_crop_count(data_root, tmp_path):
     pytest.importorskip("lightning")
-    from deepcount.training import DeepCountModule, lr_factor, RecipeConfig
+    from deepcount.config import RecipeConfig
+    from deepcount.training import DeepCountModule, lr_factor
 
     items = shanghaitech(data_root / "ShanghaiTech", "B", "train")[:6]
     crops = CrowdCrops(items)
@@ -247,7 +248,8 @@ def test_count_bias_starts_at_the_mean_crop_count(data_root, tmp_path):
 @pytest.mark.offline
 def test_frozen_configs_are_checked():
     pytest.importorskip("lightning")
-    from deepcount.training import ConfigError, check_config, parse_config
+    from deepcount.config import ConfigError, parse_config
+    from deepcount.training import check_config
 
     base = ["--config", str(REPO / "configs" / "shb_cpu.yaml")]
     check_config(parse_config(base))
@@ -262,10 +264,11 @@ def test_frozen_configs_are_checked():
 def test_auto_precisions_choose_bf16_only_where_the_device_computes_it(monkeypatch):
     pytest.importorskip("lightning")
     from deepcount import training
+    from deepcount.config import parse_config
     from deepcount.engines import native_bf16
 
     base = ["--config", str(REPO / "configs" / "shb_cpu.yaml")]
-    cfg = training.parse_config(base)
+    cfg = parse_config(base)
     assert (cfg.data.feature_precision, cfg.trainer.precision) == ("auto", "auto")
     for native, features, trainer in ((True, "bf16", "bf16-mixed"), (False, "fp32", "32-true")):
         monkeypatch.setattr(training, "native_bf16", lambda device, n=native: n)
@@ -273,7 +276,7 @@ def test_auto_precisions_choose_bf16_only_where_the_device_computes_it(monkeypat
         assert (done.data.feature_precision, done.trainer.precision) == (features, trainer)
     # bf16 asked of a CPU that only emulates it: done as asked, and said
     with pytest.warns(UserWarning, match="only emulates"):
-        done = training.resolve_precisions(training.parse_config(base + ["--data.feature_precision", "bf16"]))
+        done = training.resolve_precisions(parse_config(base + ["--data.feature_precision", "bf16"]))
     assert done.data.feature_precision == "bf16" and done.trainer.precision == "32-true"
     # the real check follows this CPU's flags: AVX-512 BF16 computes it, no AVX-512 at all does not
     flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
@@ -289,7 +292,7 @@ def test_auto_precisions_choose_bf16_only_where_the_device_computes_it(monkeypat
 @pytest.mark.offline
 def test_train_refuses_a_value_outside_its_choices_and_help_names_them(extra, allowed, capsys):
     pytest.importorskip("lightning")
-    from deepcount.training import parse_config
+    from deepcount.config import parse_config
 
     with pytest.raises(SystemExit) as e:  # a usage error, before anything is read or trained
         parse_config(["--config", str(REPO / "configs" / "shb_cpu.yaml"), *extra])
@@ -302,7 +305,7 @@ def test_train_refuses_a_value_outside_its_choices_and_help_names_them(extra, al
     assert "<class " not in text  # groups are titled by what they hold, not by class names
     assert "--model.frozen FROZEN" in text and "frontend frozen up to this level" in text
     assert "--recipe.schedule {multistep,cosine}" in text and "--data.outside_points {error,drop,clip}" in text
-    from deepcount.training import config_parser
+    from deepcount.config import config_parser
 
     assert [a.option_strings for a in config_parser()._actions if a.option_strings and not (a.help or "").strip()] == []
 

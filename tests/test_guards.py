@@ -51,7 +51,8 @@ def test_weights_holding_nan_are_refused(tmp_path):
 # ----------------------------------------------------------------------------- training
 pytest.importorskip("lightning")
 from deepcount.cli.train import main  # noqa: E402
-from deepcount.training import CheckpointError, ConfigError, parse_config, train  # noqa: E402
+from deepcount.config import CheckpointError, ConfigError, parse_config
+from deepcount.training import train
 
 SMALL = ["--model.width", "0.125", "--data.limit", "6", "--data.batch_size", "2", "--data.num_workers", "0",
          "--data.cache_targets", "false", "--export.source", "last", "--trainer.progress_bar", "false",
@@ -79,7 +80,7 @@ def test_resume_after_moving_the_run_continues_from_the_newest_state(tmp_path, d
 def test_resume_with_other_settings_is_refused(tmp_path, data_root, capsys):
     train(config(tmp_path, "run", 1))
     before = (tmp_path / "run" / "config.yaml").read_text()
-    for extra in (["--seed", "1"], ["--data.batch_size", "4"], ["--recipe.lr", "0.001"], ["--data.sigma", "10"]):
+    for extra in (["--seed", "1"], ["--data.batch_size", "4"], ["--recipe.lr", "0.001"], ["--data.ground_truth.sigma", "10"]):
         cfg = config(tmp_path, "run", 2, "--resume", "last", *extra)
         with pytest.raises(ConfigError, match="another experiment"):
             train(cfg)

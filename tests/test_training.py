@@ -20,19 +20,9 @@ pytest.importorskip("lightning")
 
 from deepcount.datasets import CrowdCrops, shanghaitech  # noqa: E402
 from deepcount.predict import Counter, load_network  # noqa: E402
-from deepcount.training import (  # noqa: E402
-    ConfigError,
-    CropSampler,
-    DataConfig,
-    ExportConfig,
-    ModelConfig,
-    TrainConfig,
-    TrainerConfig,
-    build_network,
-    check_config,
-    parse_config,
-    train,
-)
+from deepcount.config import (ConfigError, DataConfig, ExportConfig, ModelConfig, TrainConfig,  # noqa: E402
+                              TrainerConfig, parse_config)
+from deepcount.training import CropSampler, build_network, check_config, train  # noqa: E402
 from deepcount.cli.train import main  # noqa: E402
 from deepcount.loss import paper_loss  # noqa: E402
 from deepcount.weights import read_safetensors, sha256_file  # noqa: E402
@@ -78,11 +68,12 @@ def test_config_files_hold_the_two_recipes():
     official = parse_config(["--config", str(REPO / "configs/shb_official.yaml")])
     assert (paper.recipe.loss, paper.recipe.optimizer, paper.recipe.lr, paper.recipe.momentum) == ("paper", "sgd", 1e-4, 0.9)
     assert (paper.recipe.frontend_lr_factor, paper.recipe.weight_decay, paper.data.batch_size) == (0.5, 1e-5, 32)
-    assert (paper.data.sigma, paper.data.grey_probability, paper.data.crops_per_image) == (5.0, 0.0, 1)
+    assert (paper.data.ground_truth.sigma, paper.data.grey_probability, paper.data.crops_per_image) == (5.0, 0.0, 1)
     assert paper.trainer.max_epochs == 100 and paper.model.activation == "prelu"
     assert (official.recipe.loss, official.recipe.optimizer, official.recipe.milestones) == ("official", "adam", [40000])
     assert (official.trainer.max_steps, official.data.batch_size, official.data.crops_per_image) == (60000, 20, 30)
-    assert (official.data.sigma, official.data.kernel_size, official.data.keep_mass) == (10.0, 49, False)
+    assert (official.data.ground_truth.sigma, official.data.ground_truth.kernel_size,
+            official.data.ground_truth.keep_mass) == (10.0, 49, False)
     assert official.data.grey_probability == 0.1
     for path in sorted((REPO / "configs").rglob("*.yaml")):
         cfg = parse_config(["--config", str(REPO / "configs/shb.yaml"), "--config", str(path)])

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,34 +35,10 @@ from typing import NamedTuple
 import numpy as np
 
 from .cache import atomic_path, cache_dir
+from .config import GroundTruthConfig
 from .model import INPUT_SIZE, MAP_STRIDES
 
 POOL_FACTORS: tuple[int, ...] = tuple(MAP_STRIDES[k] for k in sorted(MAP_STRIDES))  # 8 .. 128
-
-
-@dataclass(frozen=True)
-class GroundTruthConfig:
-    """How head points become density maps.
-
-    sigma: the fixed Gaussian's standard deviation in pixels (paper: 5).
-    kernel_size: odd kernel width; ``None`` -> ``2 * ceil(3 * sigma) + 1`` (31 for sigma 5).
-    keep_mass: see the module docstring (paper: True; authors' code: False).
-    """
-
-    sigma: float = 5.0
-    kernel_size: int | None = None
-    keep_mass: bool = True
-
-    def __post_init__(self):
-        if not self.sigma > 0:
-            raise ValueError(f"sigma must be > 0, got {self.sigma}")
-        if self.kernel_size is not None and (self.kernel_size < 1 or self.kernel_size % 2 == 0):
-            raise ValueError(f"kernel_size must be a positive odd number, got {self.kernel_size}")
-
-    @property
-    def radius(self) -> int:
-        size = self.kernel_size if self.kernel_size is not None else 2 * math.ceil(3 * self.sigma) + 1
-        return size // 2
 
 
 PAPER = GroundTruthConfig()  # Section 3.2

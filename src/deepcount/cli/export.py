@@ -5,15 +5,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..export import (EXAMPLE_PHOTO, EXAMPLE_RESCALE, FEATURE_SIZE, FEATURES_NAME, FORMATS, IMAGE_NAME,
-                      INPUT_NAME, INPUT_SIZE, MAP_SIZES, META_PREFIX, OPSET, CountGraph, ExportError, check_frontend,
-                      check_images, check_parity, export, exported_fn, frontend_path, real_tiles)
-from ..predict import resolve_device
 from .common import add_device_option, add_model_option
 from . import COMMANDS
 
+# deepcount.export's FORMATS, OPSET, EXAMPLE_PHOTO and EXAMPLE_RESCALE, written out so that
+# `deepcount export --help` needs no torch (tests/test_export.py checks they agree)
+FORMATS = ("onnx", "torchscript")
+OPSET = 18
+EXAMPLE_PHOTO = "shanghaitech_b_test_IMG_1.jpg"
+EXAMPLE_RESCALE = 0.6
 
-def _describe_outputs(graph: CountGraph) -> str:
+
+def _describe_outputs(graph) -> str:
+    from ..export import MAP_SIZES
+
     parts = ["count (N,)"]
     if graph.branch_index is not None:
         h, w = MAP_SIZES[graph.branch_index]
@@ -31,10 +36,16 @@ def _run(args: argparse.Namespace) -> int:
     except MissingExtraError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # the exporter and the network (torch: seconds to import, so not at the top)
+    from .. import export as ex
+    from ..export import (FEATURE_SIZE, FEATURES_NAME, IMAGE_NAME, INPUT_NAME, INPUT_SIZE, META_PREFIX,
+                          ExportError, frontend_path)
+    from ..predict import resolve_device
+
     try:
         resolve_device(args.device)
-        images = check_images(args.check_images)  # first: a bad path fails before exporting
-        result, graph = export(args.model, args.format, args.output, args.density, args.opset)
+        images = ex.check_images(args.check_images)  # first: a bad path fails before exporting
+        result, graph = ex.export(args.model, args.format, args.output, args.density, args.opset)
     except (ExportError, ValueError, KeyError, FileNotFoundError, ImageLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -57,11 +68,11 @@ def _run(args: argparse.Namespace) -> int:
         print("  note: TorchScript is deprecated in recent torch; ONNX is what Counter "
               "(backend onnxruntime) loads")
     try:
-        tiles = real_tiles(images, meta[META_PREFIX + "tiling"], graph=graph)
-        report = check_parity(exported_fn(result.path, result.format, args.device), graph, tiles,
+        tiles = ex.real_tiles(images, meta[META_PREFIX + "tiling"], graph=graph)
+        report = ex.check_parity(ex.exported_fn(result.path, result.format, args.device), graph, tiles,
                               device=args.device)
         if graph.level is not None:
-            report.frontend_error = check_frontend(result.path, graph, images, args.device)
+            report.frontend_error = ex.check_frontend(result.path, graph, images, args.device)
     except (ExportError, ValueError) as e:
         print(f"parity check: FAIL ({e})")
         return 1

@@ -1,5 +1,6 @@
 """``deepcount train``: its own parser (YAML configs, then --section.key overrides;
-:func:`deepcount.training.config_parser`), then the run."""
+:func:`deepcount.config.config_parser`), then the run.  The config is read before torch and
+Lightning are imported, so ``--help`` and a bad option answer at once."""
 
 from __future__ import annotations
 
@@ -7,20 +8,22 @@ import json
 import sys
 from collections.abc import Sequence
 
+from ..config import ConfigError, parse_config
+from ..extras import MissingExtraError, require
+
 
 def main(argv: Sequence[str]) -> int:
     """``deepcount train ...``: 0 on success, 1 when training fails, 2 for a bad config."""
-    from ..datasets import DataNotFoundError
-    from ..extras import MissingExtraError, require
-
     try:
-        require("train")
+        require("train", "jsonargparse", "yaml")  # the parser
+        cfg = parse_config(argv)
+        require("train")  # the run: Lightning (seconds to import, with torch)
     except MissingExtraError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from ..training import ConfigError, NonFiniteLossError, check_config, parse_config, train
+    from ..datasets import DataNotFoundError
+    from ..training import NonFiniteLossError, check_config, train
 
-    cfg = parse_config(argv)
     try:
         check_config(cfg)
         result = train(cfg)
