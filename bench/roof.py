@@ -115,7 +115,7 @@ def measure(device: str, batch: int, rounds: int, width: float, smoke: bool) -> 
 
             def call(runner=runner, plain=plain):
                 with torch.inference_mode(), (glibc_malloc_defaults() if plain else contextlib.nullcontext()):
-                    return runner(x, None)
+                    return runner(x)
             fns[f"{ename}|{label}"] = call
     if device == "cpu" and not smoke:
         try:

@@ -121,7 +121,7 @@ def contender_fns(nets, engine_name: str, engine: Engine | None, x: torch.Tensor
 
             def call(runner=runner, branch=branch, plain=plain):
                 with torch.inference_mode(), (glibc_malloc_defaults() if plain else _nothing()):
-                    return runner(x, branch)
+                    return runner(x, (branch,) if branch is not None else ())
             fns[label] = call
     return fns
 

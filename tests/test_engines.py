@@ -83,7 +83,7 @@ def test_bf16_on_a_cpu_that_only_emulates_it_warns_and_still_counts(tiny, monkey
     monkeypatch.setattr(engines, "native_bf16", lambda device="cpu": False)
     with pytest.warns(UserWarning, match="only emulates"):
         run = engine_runner(tiny, "bf16", "cpu")
-    count, _ = run(x, None)
+    count, _ = run(x)
     assert torch.isfinite(count).all()
     monkeypatch.setattr(engines, "native_bf16", lambda device="cpu": True)
     with warnings.catch_warnings():
@@ -99,14 +99,16 @@ def test_every_cpu_engine_agrees_with_eager_on_real_tiles(net, photo):
     x, _ = next(tile_batches(photo, plan_tiles(*photo.shape[:2]), batch_size=4))
     branch = 1
     with torch.inference_mode():
-        ref_c, ref_m = engine_runner(model, "eager")(x, branch)
-        c, m = engine_runner(model, "channels_last")(x, branch)
+        ref_c, ref_m = engine_runner(model, "eager")(x, (branch,))
+        c, m = engine_runner(model, "channels_last")(x, (branch,))
+        ref_m, m = ref_m[branch], m[branch]
         # (a DeepCount's counts and cells are clamped at 0: an untrained one's may all be 0)
         torch.testing.assert_close(c, ref_c, rtol=1e-5, atol=1e-5 * max(float(ref_c.abs().max()), 1e-2))
         torch.testing.assert_close(m, ref_m, rtol=1e-4, atol=1e-5 * max(float(ref_m.abs().max()), 1e-2))
         # bf16 (opt-in): outputs stay float32; an untrained net's counts cancel to ~0, so its
         # accuracy is checked on the trained baseline below
-        c, m = engine_runner(model, "bf16")(x, branch)
+        c, m = engine_runner(model, "bf16")(x, (branch,))
+        m = m[branch]
         assert c.dtype == m.dtype == torch.float32 and c.shape == ref_c.shape and m.shape == ref_m.shape
         assert torch.isfinite(c).all() and torch.isfinite(m).all()
 
@@ -114,8 +116,8 @@ def test_every_cpu_engine_agrees_with_eager_on_real_tiles(net, photo):
 def test_compiled_engine_agrees_with_eager(tiny):
     x = torch.randn(2, 3, 384, 512, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        ref, _ = engine_runner(tiny, "eager")(x, None)
-        got, _ = engine_runner(tiny, "compile")(x, None)
+        ref, _ = engine_runner(tiny, "eager")(x)
+        got, _ = engine_runner(tiny, "compile")(x)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
 
 
@@ -154,9 +156,9 @@ def test_gpu_engines_agree_with_fp32(tiny):
     model.load_state_dict(tiny.state_dict())
     x = torch.randn(4, 3, 384, 512, device="cuda")
     with torch.inference_mode():
-        ref, _ = engine_runner(model, "eager")(x, None)
+        ref, _ = engine_runner(model, "eager")(x)
         for name, tol in (("channels_last", 1e-2), ("tf32", 1e-2), ("bf16", 5e-2), ("cudagraphs", 5e-2)):
-            got, _ = engine_runner(model, name)(x, None)
+            got, _ = engine_runner(model, name)(x)
             assert float((got - ref).abs().max()) <= tol * (float(ref.abs().max()) + 1e-3), name
 
 

@@ -136,7 +136,8 @@ def test_overhanging_pixel_crops_pad_with_zero_targets(shb_train):
 
 def test_feature_tiling_counts_like_its_tiles(net, sha_test):
     image = load_image(sha_test[1].image)
-    total, dmap, per_tile = count_tiles(net, image, "features", 2, branch=1, level="conv4_2", engine="eager")
+    total, maps, per_tile = count_tiles(net, image, "features", 2, (1,), level="conv4_2", engine="eager")
+    dmap = maps[1]
     plan = plan_tiles(*image.shape[:2], "features")
     assert len(per_tile) == len(plan) and total == pytest.approx(sum(per_tile))
     assert dmap.values.shape == (image.shape[0] // 8, image.shape[1] // 8) and dmap.cell == (8.0, 8.0)
@@ -151,7 +152,7 @@ def test_feature_tiling_counts_like_its_tiles(net, sha_test):
     again, _, _ = count_tiles(net, None, "features", 2, level="conv4_2", features=feats, engine="eager")
     assert again == pytest.approx(total, rel=1e-5)
     with pytest.raises(ValueError, match="level"):
-        count_tiles(lambda b, k: (b.sum(), None), image, "features")
+        count_tiles(lambda b, k: (b.sum(), {}), image, "features")
 
 
 def test_counts_and_maps_are_never_negative(net, sha_test):
@@ -390,5 +391,6 @@ def test_a_features_model_exports_to_onnx_with_its_frontend(net, tmp_path, sha_t
 def test_images_thinner_than_a_cell_are_one_padded_cell(net):
     for shape, tiles in (((1, 5000, 3), 10), ((5, 5, 3), 1), ((7, 600, 3), 2)):
         image = np.full(shape, 128, np.uint8)
-        total, dmap, per_tile = count_tiles(net, image, "features", 2, branch=1, level="conv4_2")
+        total, maps, per_tile = count_tiles(net, image, "features", 2, (1,), level="conv4_2")
+        dmap = maps[1]
         assert len(per_tile) == tiles and total >= 0 and dmap.to_pixels().shape == shape[:2]

@@ -157,3 +157,33 @@ def test_state_dict_keys_follow_torchvision_and_csrnet():
     assert {f"backbone.frontend.{i}.weight" for i in (0, 2, 5, 7, 10, 12, 14, 17, 19, 21)} <= keys
     csr = set(CSRNet(width=0.125).state_dict())
     assert {"frontend.21.weight", "backend.10.weight", "output_layer.bias"} <= csr
+
+
+@pytest.mark.parametrize("name", ["deepcount", "csrnet"])
+def test_every_registered_network_has_the_same_small_interface(name):
+    from deepcount.model import ARCHITECTURES, architecture, build
+
+    torch.manual_seed(0)
+    net = build({"model": name, "width": 0.125}).eval()
+    assert type(net) is ARCHITECTURES[name] and architecture(net) == {"model": name, **net.config}
+    assert type(build(architecture(net))) is type(net)
+    x = torch.randn(2, 3, *INPUT_SIZE)
+    counts = net(x)
+    both, maps = net.forward_maps(x, net.density_branches)
+    assert counts.shape == both.shape == (2,) and torch.allclose(counts, both, atol=1e-6)
+    assert set(maps) == set(net.density_branches)
+    for k, m in maps.items():
+        assert tuple(m.shape) == (2, 1, *MAP_SIZES[k])
+    if net.counts_by_map:  # the count is its map's sum
+        assert torch.allclose(counts, maps[net.density_branches[0]].sum((1, 2, 3)), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError):
+        net.forward_maps(x, [9])
+
+
+def test_build_names_the_registered_networks_for_an_unknown_one():
+    from deepcount.model import architecture, build
+
+    with pytest.raises(ValueError, match=r"unknown architecture 'resnet'; expected one of \['csrnet', 'deepcount'\]"):
+        build({"model": "resnet"})
+    with pytest.raises(TypeError, match="not a deepcount network"):
+        architecture(nn.Linear(2, 2))

@@ -78,7 +78,7 @@ def test_tiles_are_the_image_cut_and_padded(photo):
 
 def test_counts_sum_over_tiles_and_batching_does_not_change_them(small_model, photo):
     total, density, per_tile = count_tiles(small_model, photo, "pad", batch_size=1)
-    assert density is None and len(per_tile) == 4
+    assert density == {} and len(per_tile) == 4
     with torch.inference_mode():
         # a tile's count is clamped at 0 at inference (the count head is linear)
         direct = [max(0.0, float(small_model(to_tensor(photo[t:t + 384, l:l + 512])[None])))
@@ -97,7 +97,8 @@ def test_counting_without_a_map_runs_no_branch_and_with_one_runs_only_it(small_m
     try:
         count_tiles(small_model, photo)
         assert calls == []
-        _, density, _ = count_tiles(small_model, photo[:500, :900], branch=2, batch_size=2)
+        _, maps, _ = count_tiles(small_model, photo[:500, :900], branches=(2,), batch_size=2)
+        density = maps[2]
         assert set(calls) == {2}
     finally:
         for h in hooks:
@@ -108,7 +109,8 @@ def test_counting_without_a_map_runs_no_branch_and_with_one_runs_only_it(small_m
 
 def test_grid_mode_maps_cover_the_original_image(small_model, photo):
     img = photo[:500, :700]  # resized to 1 x 1 tile
-    total, density, per_tile = count_tiles(small_model, img, "grid", branch=1)
+    total, maps, per_tile = count_tiles(small_model, img, "grid", branches=(1,))
+    density = maps[1]
     assert len(per_tile) == 1
     assert density.values.shape == MAP_SIZES[1]
     assert density.cell == pytest.approx((500 / 48, 700 / 64))
@@ -120,7 +122,8 @@ def test_grid_mode_maps_cover_the_original_image(small_model, photo):
 def test_csrnet_counts_through_the_same_tiles(photo):
     torch.manual_seed(0)
     model = CSRNet(width=0.125).eval()
-    total, density, per_tile = count_tiles(model, photo, branch=1)
+    total, maps, per_tile = count_tiles(model, photo, branches=(1,))
+    density = maps[1]
     assert density.values.shape == (96, 128)
     assert total == pytest.approx(density.count, rel=1e-4)
 

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from .model import CSRNet, DeepCount
+from .model import DeepCount
 
 ENGINES = ("auto", "eager", "channels_last", "compile", "tf32", "bf16", "cudagraphs")
 PRECISIONS = ("default", "fp32", "tf32", "bf16")
@@ -54,9 +55,6 @@ AUTO_BATCH_SIZE: dict[str, int] = {"cpu": 2, "cuda": 8}
 def default_batch_size(device: str | torch.device = "cpu") -> int:
     """Tiles per forward pass for ``device`` when none is asked for (:data:`AUTO_BATCH_SIZE`)."""
     return AUTO_BATCH_SIZE.get(torch.device(device).type, 8)
-
-Runner = Callable[[Tensor, "int | None"], "tuple[Tensor, Tensor | None]"]
-
 
 @dataclass(frozen=True)
 class Engine:
@@ -217,95 +215,116 @@ def precision_context(precision: str, device_type: str) -> Iterator[None]:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def forward(model: nn.Module, batch: Tensor, branch: int | None,
-            low_precision: bool = False, level: str | None = None) -> tuple[Tensor, Tensor | None]:
-    """(counts (b,) float32, map of ``branch`` (b, h, w) float32 or None) for a DeepCount, a
-    CSRNet (count = its map's sum; the map whenever a branch is asked for) or any module
-    returning counts.  ``low_precision``: the body runs under an active autocast; the count head
-    (and, for a DeepCount, always) every sum runs in float32 on float32 inputs.  ``level``: ``batch`` holds 48x64 crops of
-    a DeepCount frontend's features at that level (tiling mode ``features``).
+def forward(model: nn.Module, batch: Tensor, branches: Sequence[int] = (),
+            low_precision: bool = False, level: str | None = None) -> tuple[Tensor, dict[int, Tensor]]:
+    """(counts (b,) float32, ``{branch: map (b, h, w) float32}`` for each of ``branches``) for
+    a network of :data:`deepcount.model.ARCHITECTURES` (or any module with ``forward`` and, when
+    maps are asked for, ``forward_maps``).  Only the branches asked for run; none: the backbone
+    alone.  A network that ``counts_by_map`` (CSRNet) counts by its one map, which it gives for
+    any branch asked.  ``low_precision``: the body runs under an active autocast; a DeepCount's
+    count head and every sum run in float32.  ``level``: ``batch`` holds 48x64 crops of a
+    DeepCount frontend's features at that level (tiling mode ``features``).
 
     A DeepCount's count head and branches end in linear layers, so a sparse tile could get a
     negative count or negative cells: at inference both are clamped at 0 (nobody is there)."""
-    if isinstance(model, CSRNet):
-        density = model.density(batch).float()
-        return density.sum((1, 2, 3)), density[:, 0] if branch is not None else None
+    branches = tuple(branches)
+    at = {"level": level} if level is not None else {}
+    if getattr(model, "counts_by_map", False):
+        _, maps = model.forward_maps(batch, model.density_branches[:1], **at)
+        density = next(iter(maps.values())).float()
+        return density.sum((1, 2, 3)), {b: density[:, 0] for b in branches}
+    if low_precision and isinstance(model, DeepCount):
+        vector, skips = model.backbone.features(batch, level)
+        maps = {b: model.branches[str(b)](vector, skips) for b in branches}
+        with torch.autocast(batch.device.type, enabled=False):
+            count = model.backbone.head(vector.float())
+    elif branches:
+        count, maps = model.forward_maps(batch, branches, **at)
+    else:
+        count, maps = model(batch, **at), {}
+    count, maps = count.float(), {b: m.float()[:, 0] for b, m in maps.items()}
     if isinstance(model, DeepCount):
-        at = {"level": level} if level is not None else {}
-        if low_precision:
-            vector, skips = model.backbone.features(batch, level)
-            m = model.branches[str(branch)](vector, skips).float()[:, 0] if branch is not None else None
-            with torch.autocast(batch.device.type, enabled=False):
-                count = model.backbone.head(vector.float())
-        elif branch is None:
-            count, m = model(batch, **at), None
-        else:
-            count, maps = model.forward_maps(batch, [branch], **at)
-            m = maps[branch][:, 0]
-        return count.float().clamp_min(0), (m.float().clamp_min(0) if m is not None else None)
-    if branch is None:
-        return model(batch).float(), None
-    count, maps = model.forward_maps(batch, [branch])
-    return count.float(), maps[branch][:, 0].float()
+        count, maps = count.clamp_min(0), {b: m.clamp_min(0) for b, m in maps.items()}
+    return count, maps
+
+
+class Runner(Protocol):
+    """What counts batches of tiles for :func:`deepcount.tiling.count_tiles`: a PyTorch network
+    through an engine (:class:`TorchRunner`) or an exported model's session
+    (:class:`deepcount.export.OnnxRunner`).
+
+    ``runner(batch, branches)`` -> (counts (b,), ``{branch: map (b, h, w)}`` for each branch
+    asked; none: no branch runs).  ``counts_by_map``: its count is its map's sum, so a tiled
+    count must leave out the map cells in a tile's padding (CSRNet).  ``level``: its batches are
+    48x64 tiles of frontend features at that level, and ``frontend(image)`` makes them
+    (``(H, W, 3) uint8 -> (C, H/8, W/8)``); None: its batches are 384x512 image tiles."""
+
+    counts_by_map: bool
+    level: str | None
+
+    def __call__(self, batch: Tensor, branches: Sequence[int] = ()) -> tuple[Tensor, dict[int, Tensor]]: ...
+
+    def frontend(self, image: Any) -> Tensor: ...
+
+
+class TorchRunner:
+    """:class:`Runner` of a PyTorch ``model`` through ``engine``: ``device`` is where the model
+    is; ``level``: its batches are feature crops at that frontend level.  ``engine`` (the
+    resolved :class:`Engine`) names what it runs."""
+
+    def __init__(self, model: nn.Module, engine: str | Engine | None = "eager",
+                 device: str | torch.device | None = None, level: str | None = None):
+        if device is None:
+            param = next(model.parameters(), None)
+            device = param.device if param is not None else torch.device("cpu")
+        self.model, self.device, self.level = model, torch.device(device), level
+        self.engine = resolve_engine(engine, self.device)
+        self.counts_by_map = bool(getattr(model, "counts_by_map", False))
+        self._low = self.engine.precision == "bf16"
+        if self._low and not native_bf16(self.device):
+            warnings.warn(f"engine {self.engine.name!r} runs bfloat16, which this {self.device.type} only emulates "
+                          "(about 12x slower than float32 on an AVX2-only CPU); engine='auto' is faster here",
+                          stacklevel=3)
+        if level is not None and not isinstance(model, DeepCount):
+            raise ValueError(f"feature-level tiling needs a DeepCount, not a {type(model).__name__}")
+        if self.engine.retain_memory and self.device.type == "cpu" and not _retaining:
+            retain_cpu_memory(True)
+        self._step: Callable = self._forward
+        if self.engine.compile:
+            self._step = torch.compile(self._forward, mode="reduce-overhead" if self.engine.cuda_graphs else None)
+
+    def _forward(self, batch: Tensor, branches: tuple[int, ...]) -> tuple[Tensor, dict[int, Tensor]]:
+        return forward(self.model, batch, branches, self._low, self.level)
+
+    def __call__(self, batch: Tensor, branches: Sequence[int] = ()) -> tuple[Tensor, dict[int, Tensor]]:
+        # (tiling.tile_batches makes channels_last tiles: for `eager` this is the NCHW copy)
+        batch = batch.contiguous(memory_format=torch.channels_last if self.engine.channels_last
+                                 else torch.contiguous_format)
+        with precision_context(self.engine.precision, self.device.type):
+            if self.engine.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            count, maps = self._step(batch, tuple(branches))
+        if self.engine.cuda_graphs:  # the graph's output buffers are overwritten by the next replay
+            count, maps = count.clone(), {b: m.clone() for b, m in maps.items()}
+        return count, maps
+
+    def frontend(self, image: Any) -> Tensor:
+        """The features at ``level`` of a whole (H, W, 3) uint8 image (tiling ``features``)."""
+        if self.level is None:
+            raise ValueError("this runner takes image tiles: it has no frontend level")
+        from .features import frontend_features
+
+        return frontend_features(self.model, image, self.level, device=self.device,
+                                 precision="bf16" if self._low else "fp32")
 
 
 def engine_runner(model: nn.Module, engine: str | Engine | None = "eager",
-                  device: str | torch.device | None = None, level: str | None = None) -> Runner:
-    """(batch, branch) -> (counts (b,), maps (b, h, w) or None) running ``model`` with
-    ``engine`` (default: the plain eager path).  ``device``: where the model is (default:
-    where its parameters are).  ``level``: batches are 48x64 feature crops at that frontend
-    level (tiling mode ``features``); the runner's ``frontend`` runs the part of the frontend
-    below it over whole images (``frontend(image (H, W, 3) uint8) -> (C, H/8, W/8)``).  The runner's ``engine`` attribute names what it runs and
-    ``counts_by_map`` says a CSRNet counts by its map (see :func:`deepcount.tiling.count_tiles`)."""
-    if device is None:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-    device = torch.device(device)
-    eng = resolve_engine(engine, device)
-    low = eng.precision == "bf16"
-    if low and not native_bf16(device):
-        warnings.warn(f"engine {eng.name!r} runs bfloat16, which this {device.type} only emulates (about 12x "
-                      "slower than float32 on an AVX2-only CPU); engine='auto' is faster here", stacklevel=2)
-    if eng.retain_memory and device.type == "cpu" and not _retaining:
-        retain_cpu_memory(True)
-
-    def step(batch: Tensor, branch: int | None) -> tuple[Tensor, Tensor | None]:
-        return forward(model, batch, branch, low, level)
-
-    compiled: dict[str, Callable] = {}
-
-    def run(batch: Tensor, branch: int | None) -> tuple[Tensor, Tensor | None]:
-        # (tiling.tile_batches makes channels_last tiles: for `eager` this is the NCHW copy)
-        batch = batch.contiguous(memory_format=torch.channels_last if eng.channels_last
-                                 else torch.contiguous_format)
-        fn = step
-        if eng.compile:
-            if "fn" not in compiled:
-                compiled["fn"] = torch.compile(step, mode="reduce-overhead" if eng.cuda_graphs else None)
-            fn = compiled["fn"]
-        with precision_context(eng.precision, device.type):
-            if eng.cuda_graphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            count, m = fn(batch, branch)
-        if eng.cuda_graphs:  # the graph's output buffers are overwritten by the next replay
-            count, m = count.clone(), (m.clone() if m is not None else None)
-        return count, m
-
-    run.counts_by_map = isinstance(model, CSRNet)  # type: ignore[attr-defined]
-    run.engine = eng  # type: ignore[attr-defined]
-    run.level = level  # type: ignore[attr-defined]
-    if level is not None:
-        if not isinstance(model, DeepCount):
-            raise ValueError(f"feature-level tiling needs a DeepCount, not a {type(model).__name__}")
-        from .features import frontend_features
-
-        def frontend(image):
-            return frontend_features(model, image, level, device=device,
-                                     precision="bf16" if low else "fp32")
-        run.frontend = frontend  # type: ignore[attr-defined]
-    return run
+                  device: str | torch.device | None = None, level: str | None = None) -> TorchRunner:
+    """The :class:`Runner` of ``model`` with ``engine`` (default: the plain eager path) on
+    ``device`` (default: where its parameters are); ``level`` as in :class:`TorchRunner`."""
+    return TorchRunner(model, engine, device, level)
 
 
 __all__ = ["AUTO", "AUTO_BATCH_SIZE", "ENGINES", "Engine", "PRESETS", "default_batch_size", "engine_runner", "native_bf16", "out_of_memory",
            "forward", "glibc_malloc_defaults",
-           "precision_context", "resolve_engine", "retain_cpu_memory", "retaining_cpu_memory"]
+           "precision_context", "resolve_engine", "Runner", "TorchRunner", "retain_cpu_memory", "retaining_cpu_memory"]

@@ -398,20 +398,6 @@ def _jsonable(value: Any) -> bool:
 
 
 # ----------------------------------------------------------------------------- evaluation
-def _inside(plan, indices: list[int], h: int, w: int) -> torch.Tensor:
-    """(b, h, w) float64: 1 on the map cells of tiles ``indices`` that cover some image pixel."""
-    import torch
-
-    from .tiling import TILE_HEIGHT
-
-    ch, cw = plan.map_shape(TILE_HEIGHT // h)
-    mask = torch.zeros(len(indices), h, w, dtype=torch.float64)
-    for j, i in enumerate(indices):
-        r, c = divmod(i, plan.cols)
-        mask[j, :max(0, min(h, ch - r * h)), :max(0, min(w, cw - c * w))] = 1
-    return mask
-
-
 def _image_name(item: AnnotatedImage, root: str | None) -> str:
     if root is not None:
         try:
@@ -428,7 +414,7 @@ def evaluate(model: nn.Module | str | os.PathLike, dataset: Sequence[AnnotatedIm
              device: str | torch.device | None = "auto", limit: int | None = None,
              progress: bool = True, info: dict | None = None, dataset_name: str | None = None,
              root: str | os.PathLike | None = None, max_pixels: int | None = None,
-             level: str | None = None) -> Evaluation:
+             level: str | None = None, engine: str = "auto") -> Evaluation:
     """Evaluate ``model`` on ``dataset`` (a :class:`~deepcount.datasets.CrowdDataset` or any
     sequence of :class:`~deepcount.datasets.AnnotatedImage`).
 
@@ -450,17 +436,20 @@ def evaluate(model: nn.Module | str | os.PathLike, dataset: Sequence[AnnotatedIm
             and where image paths are made relative to.
         max_pixels: passed to :func:`deepcount.images.load_image` (None: no limit; benchmark
             images such as UCF-QNRF's are large).
+        engine: how the network runs (:mod:`deepcount.engines`); ``auto``, as ``Counter``, is
+            the device's fastest float32-exact path.  Every image goes through
+            :func:`deepcount.tiling.count_tiles`, the loop ``Counter`` runs, with the backbone
+            and every evaluated branch in one pass per batch of tiles.
     """
     import torch
     from tqdm import tqdm
 
     from .datasets import registry_name
-    from .engines import default_batch_size
+    from .engines import default_batch_size, engine_runner
     from .images import load_image
     from .model import MAP_SIZES, CSRNet, DeepCount, architecture
     from .predict import load_network, resolve_device
-    from .features import frontend_features
-    from .tiling import MODES, feature_batches, plan_tiles, tile_batches
+    from .tiling import MODES, count_tiles
 
     if isinstance(model, (str, os.PathLike)):
         model, loaded = load_network(model)
@@ -509,6 +498,7 @@ def evaluate(model: nn.Module | str | os.PathLike, dataset: Sequence[AnnotatedIm
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
     batch_size = default_batch_size(dev) if batch_size is None else int(batch_size)
     model = model.to(dev).eval()
+    run = engine_runner(model, engine, dev, level)  # what Counter runs, so the numbers are Counter's
     items = list(dataset)[:limit] if limit is not None else list(dataset)
     if not items:
         raise ValueError("the dataset has no images")
@@ -524,30 +514,12 @@ def evaluate(model: nn.Module | str | os.PathLike, dataset: Sequence[AnnotatedIm
             for item in bar:
                 image = load_image(item.image, max_pixels=max_pixels)
                 h, w = image.shape[:2]
-                plan = plan_tiles(h, w, tiling)
-                sums = {key: 0.0 for key in outputs}
-                batches = (feature_batches(frontend_features(model, image, level, device=dev), plan, batch_size)
-                           if level is not None else tile_batches(image, plan, batch_size))
-                for batch, indices in batches:
-                    batch = batch.to(dev)
-                    if is_deepcount:  # counts and cells clamped at 0, as Counter does
-                        at = {"level": level} if level is not None else {}
-                        if wanted:  # one pass for the backbone and every branch
-                            counts, maps = model.forward_maps(batch, wanted, **at)
-                        else:
-                            counts, maps = model(batch, **at), {}
-                        sums["count"] += float(counts.double().clamp_min(0).sum())
-                        for k, m in maps.items():
-                            m = m[:, 0].double().clamp_min(0).cpu()
-                            sums[f"branch{k}"] += float((m * _inside(plan, indices, *m.shape[-2:])).sum())
-                    elif is_csrnet:
-                        m = model.density(batch)[:, 0].double().cpu()
-                        sums["count"] += float((m * _inside(plan, indices, *m.shape[-2:])).sum())
-                    else:
-                        sums["count"] += float(model(batch).double().sum())
+                count, maps, per_tile = count_tiles(run, image, tiling, batch_size, wanted, dev)
+                sums = {"count": count, **{f"branch{k}": float(m.values.sum(dtype=np.float64))
+                                           for k, m in maps.items()}}
                 truth = (float(item.count) if protocol == "points"
                          else blurred_count(item.points, h, w, gt_config))
-                rows.append(ImageRow(_image_name(item, root_text), int(h), int(w), len(plan),
+                rows.append(ImageRow(_image_name(item, root_text), int(h), int(w), len(per_tile),
                                      int(item.count), truth, sums))
     finally:
         bar.close()

@@ -438,9 +438,10 @@ def frontend_session(path: Path, meta: dict[str, Any], device: str | torch.devic
 
 
 class OnnxRunner:
-    """A ``deepcount.tiling`` runner over an onnxruntime session: (tiles, branch) ->
-    (counts (b,), maps (b, h, w) or None).  ``counts_by_map`` (CSRNet) tells ``count_tiles``
-    to count by the map so that cells wholly in a tile's padding are dropped."""
+    """The :class:`deepcount.engines.Runner` of an onnxruntime session: (tiles, branches) ->
+    (counts (b,), {branch: map (b, h, w)}); the file holds at most one branch.  ``counts_by_map``
+    (CSRNet) tells ``count_tiles`` to count by the map so that cells wholly in a tile's padding
+    are dropped."""
 
     def __init__(self, session: Any, meta: dict[str, Any]):
         self.session = session
@@ -461,16 +462,17 @@ class OnnxRunner:
             return torch.from_numpy(session.run(["features"], {IMAGE_NAME: x.numpy()})[0])
         return windowed_features(run, image, receptive_radius(None, str(self.level)))
 
-    def __call__(self, batch: Tensor, branch: int | None) -> tuple[Tensor, Tensor | None]:
-        if branch is not None and branch != self.branch:
-            raise ValueError(f"this ONNX model has no density branch {branch} ({_size(branch)}); "
-                             + (f"it was exported with branch {self.branch} ({_size(self.branch)})"
-                                if self.branch else "it was exported without --density"))
-        names = ["count"] if branch is None else ["count", "density"]
+    def __call__(self, batch: Tensor, branches: Sequence[int] = ()) -> tuple[Tensor, dict[int, Tensor]]:
+        for branch in branches:
+            if branch != self.branch:
+                raise ValueError(f"this ONNX model has no density branch {branch} ({_size(branch)}); "
+                                 + (f"it was exported with branch {self.branch} ({_size(self.branch)})"
+                                    if self.branch else "it was exported without --density"))
+        names = ["count", "density"] if branches else ["count"]
         x = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
         out = self.session.run(names, {self.input_name: x})
         counts = torch.from_numpy(out[0])
-        return counts, (torch.from_numpy(out[1])[:, 0] if branch is not None else None)
+        return counts, ({self.branch: torch.from_numpy(out[1])[:, 0]} if branches else {})
 
 
 def load_onnx_runner(path: str | os.PathLike, device: str | torch.device = "auto"

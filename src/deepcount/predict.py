@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
-from .engines import ENGINES, Engine, default_batch_size, engine_runner, resolve_engine
+from .engines import ENGINES, Engine, Runner, default_batch_size, engine_runner, resolve_engine
 from .model import MAP_SIZES, CSRNet, DeepCount, build
-from .tiling import MODES, DensityMap, Runner, count_tiles, torch_runner
+from .tiling import MODES, DensityMap, count_tiles
 from .weights import (DEFAULT_MODEL, PICKLE_SUFFIXES, REGISTRY, complete_frontend, infer_architecture,
                       read_safetensors, registry_state, sha256_file)
 
@@ -282,10 +282,8 @@ class Counter:
     @property
     def density_branches(self) -> tuple[int, ...]:
         """The density maps ``count(..., density=k)`` can give (1 = 48x64 per 384x512 tile)."""
-        if isinstance(self.model, DeepCount):
-            return self.model.attached
-        if isinstance(self.model, CSRNet):
-            return (1,)  # its density map has branch 1's stride (8)
+        if isinstance(self.model, nn.Module):
+            return tuple(self.model.density_branches)  # a CSRNet's one map has branch 1's size
         return tuple(self.info.get("branches", ()))
 
     @property
@@ -344,8 +342,10 @@ class Counter:
                    regions: list | None = None) -> CountResult:
         start = time.perf_counter()
         image = self.read(source)
-        total, dmap, per_tile = count_tiles(self.runner, image, self.tiling, self.batch_size,
-                                            branch, self.device, deadline=deadline)
+        total, maps, per_tile = count_tiles(self.runner, image, self.tiling, self.batch_size,
+                                            (branch,) if branch is not None else (), self.device,
+                                            deadline=deadline)
+        dmap = maps.get(branch) if branch is not None else None
         inside = None
         if regions is not None:
             from .regions import region_counts
@@ -408,4 +408,4 @@ def _check_float_range(a: np.ndarray, label: str) -> None:
 
 
 __all__ = ["Counter", "CountResult", "DEFAULT_MODEL", "load_network", "parse_density",
-           "resolve_device", "torch_runner"]
+           "resolve_device"]

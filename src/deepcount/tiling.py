@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +30,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .images import IMAGENET_MEAN, IMAGENET_STD
-from .engines import Engine, engine_runner
+from .engines import Engine, Runner, engine_runner
 from .model import INPUT_SIZE
 
 TILE_HEIGHT, TILE_WIDTH = INPUT_SIZE
@@ -171,19 +171,8 @@ class DensityMap:
         return out
 
 
-Runner = Callable[[Tensor, "int | None"], "tuple[Tensor, Tensor | None]"]
-
-
 class CountTimeout(TimeoutError):
     """Counting passed its deadline (``count_tiles(..., deadline=...)``) and stopped."""
-
-
-def torch_runner(model: nn.Module, engine: str | Engine | None = "eager") -> Runner:
-    """(batch, branch) -> (counts (b,), maps (b, h, w) or None) for a DeepCount or CSRNet:
-    the backbone alone unless a branch is asked for; a CSRNet counts by its density map
-    (stride 8, the size of branch 1's), which its runner's ``counts_by_map`` flag says.
-    ``engine`` (see :mod:`deepcount.engines`): the plain eager path unless asked otherwise."""
-    return engine_runner(model, engine)
 
 
 def feature_batches(features: Tensor, plan: TilePlan, batch_size: int = 8
@@ -201,19 +190,21 @@ def feature_batches(features: Tensor, plan: TilePlan, batch_size: int = 8
 
 @torch.inference_mode()
 def count_tiles(model: nn.Module | Runner, image: np.ndarray | None, mode: str = "pad", batch_size: int = 8,
-                branch: int | None = None, device: str | torch.device | None = None,
+                branches: Sequence[int] = (), device: str | torch.device | None = None,
                 engine: str | Engine | None = "auto", level: str | None = None,
                 features: Tensor | np.ndarray | None = None, deadline: float | None = None
-                ) -> tuple[float, DensityMap | None, list[float]]:
-    """Count the people in an (H, W, 3) uint8 image of any size.
+                ) -> tuple[float, dict[int, DensityMap], list[float]]:
+    """Count the people in an (H, W, 3) uint8 image of any size: the one tile loop that
+    :class:`~deepcount.predict.Counter` (and so video and the service), evaluation and
+    validation run.
 
-    ``model`` is a DeepCount / CSRNet (on ``device``, default: where its parameters are) or a
-    runner as made by :func:`torch_runner` (e.g. an exported model's session).  Returns the
-    image's count (the sum of its tiles' backbone counts), the density map of ``branch``
-    stitched in image coordinates (None when no branch is asked for: then no branch runs),
-    and the per-tile counts.  ``engine`` (see :mod:`deepcount.engines`) is how a network
-    runs: ``auto`` (default) is the fastest float32-exact path of the device, ``eager`` the
-    plain one; a runner ignores it.
+    ``model`` is a network of :data:`deepcount.model.ARCHITECTURES` (on ``device``, default:
+    where its parameters are) or a :class:`~deepcount.engines.Runner` (e.g. an exported model's
+    session).  Returns the image's count (the sum of its tiles' backbone counts), the density
+    map of each of ``branches`` stitched in image coordinates (only the branches asked for run;
+    none: the backbone alone), and the per-tile counts.  ``engine`` (see
+    :mod:`deepcount.engines`) is how a network runs: ``auto`` (default) is the fastest
+    float32-exact path of the device, ``eager`` the plain one; a runner ignores it.
 
     Mode ``features`` needs the frontend ``level`` the model was trained at (a runner made
     with one carries it); ``features`` (C, H/8, W/8), e.g. from a
@@ -221,6 +212,7 @@ def count_tiles(model: nn.Module | Runner, image: np.ndarray | None, mode: str =
     ``deadline`` (a ``time.monotonic()`` value): past it, :class:`CountTimeout` is raised
     before the next batch of tiles, so abandoned work ends within one batch.
     """
+    branches = tuple(int(b) for b in branches)
     if features is not None:
         features = torch.as_tensor(np.asarray(features) if isinstance(features, np.ndarray) else features)
         height, width = features.shape[-2] * STRIDE, features.shape[-1] * STRIDE
@@ -245,34 +237,33 @@ def count_tiles(model: nn.Module | Runner, image: np.ndarray | None, mode: str =
     # A runner whose network counts by its density map (CSRNet, or its export) says so with
     # `counts_by_map`: its count is then the map's sum without the cells in the padding.
     by_map = bool(getattr(run, "counts_by_map", False))
-    ask = 1 if by_map and branch is None else branch
+    ask = branches or ((1,) if by_map else ())
     counts = torch.empty(len(plan), dtype=torch.float64)
-    maps: Tensor | None = None
+    maps: dict[int, Tensor] = {}
     for batch, indices in batches:
         if deadline is not None and time.monotonic() > deadline:
             raise CountTimeout(f"counting stopped at its deadline after {indices[0]} of {len(plan)} tiles")
-        c, m = run(batch.to(device), ask)
-        if m is not None:
+        c, tile_maps = run(batch.to(device), ask)
+        for k, m in tile_maps.items():
             m = m.float().cpu()
-            if by_map:
-                c = (m * _inside(plan, indices, m.shape[-2:])).sum((1, 2))
-            if maps is None:
-                maps = torch.empty(len(plan), *m.shape[1:])
-            maps[indices] = m
+            if k not in maps:
+                maps[k] = torch.empty(len(plan), *m.shape[1:])
+            maps[k][indices] = m
+        if by_map:
+            m = tile_maps[ask[0]].double().cpu()
+            c = (m * _inside(plan, indices, m.shape[-2:])).sum((1, 2))
         counts[indices] = c.double().cpu()
-    density = None
-    if maps is not None and branch is not None:
-        stride = TILE_HEIGHT // maps.shape[1]
-        density = DensityMap(stitch(plan, maps), plan.cell_size(stride), (plan.height, plan.width))
+    density = {k: DensityMap(stitch(plan, maps[k]), plan.cell_size(TILE_HEIGHT // maps[k].shape[1]),
+                             (plan.height, plan.width)) for k in branches}
     return float(counts.sum()), density, counts.tolist()
 
 
 def _inside(plan: TilePlan, indices: list[int], shape: torch.Size) -> Tensor:
-    """(b, h, w) masks of the map cells of tiles ``indices`` that are not wholly padding."""
+    """(b, h, w) float64 masks of the map cells of tiles ``indices`` that are not wholly padding."""
     h, w = shape
     stride = TILE_HEIGHT // h
     ch, cw = plan.map_shape(stride)
-    mask = torch.zeros(len(indices), h, w)
+    mask = torch.zeros(len(indices), h, w, dtype=torch.float64)
     for j, i in enumerate(indices):
         r, c = divmod(i, plan.cols)
         mask[j, :max(0, min(h, ch - r * h)), :max(0, min(w, cw - c * w))] = 1
