@@ -47,7 +47,8 @@ def main() -> int:
     retain_cpu_memory()  # what training and Counter do on a CPU
     run["width"], run["batch"], run["rounds"], run["precision"] = width, batch, rounds, args.precision
 
-    from deepcount.datasets import CrowdCrops, load_dataset
+    from deepcount.crops import CrowdCrops
+    from deepcount.datasets import load_dataset
     from deepcount.features import frontend_features
     from deepcount.images import load_image
 

@@ -26,7 +26,7 @@ from deepcount.model import DeepCount
 def crops(n: int) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, str]:
     """``n`` training crops and their targets: ShanghaiTech B train (CrowdCrops, seeded) or noise."""
     try:
-        from deepcount.datasets import CrowdCrops
+        from deepcount.crops import CrowdCrops
 
         data = CrowdCrops(C.shb("train"))
         torch.manual_seed(0)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from deepcount.datasets import CrowdCrops, shanghaitech
+from deepcount.crops import CrowdCrops
+from deepcount.datasets import shanghaitech
 from deepcount.features import (FeatureCache, FeatureCrops, feature_tile, frontend_digest,
                                 frontend_features, usable_size)
 from deepcount.images import load_image

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepcount.datasets import CrowdCrops, shanghaitech
+from deepcount.crops import CrowdCrops
+from deepcount.datasets import shanghaitech
 from deepcount.loss import BETA, OMEGA, csrnet_loss, official_loss, paper_loss
 from deepcount.model import MAP_SIZES
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepcount.datasets import CrowdCrops, crop_batch, shanghaitech
+from deepcount.crops import CrowdCrops, crop_batch
+from deepcount.datasets import shanghaitech
 from deepcount.images import load_image, to_tensor
 from deepcount.loss import paper_loss
 from deepcount.model import MAP_SIZES, DeepCount

@@ -18,7 +18,8 @@ import torch
 
 pytest.importorskip("lightning")
 
-from deepcount.datasets import CrowdCrops, shanghaitech  # noqa: E402
+from deepcount.crops import CrowdCrops  # noqa: E402
+from deepcount.datasets import shanghaitech  # noqa: E402
 from deepcount.predict import Counter, load_network  # noqa: E402
 from deepcount.config import (ConfigError, DataConfig, ExportConfig, ModelConfig, TrainConfig,  # noqa: E402
                               TrainerConfig, parse_config)

@@ -42,6 +42,10 @@ class GroundTruthConfig:
         return size // 2
 
 
+PAPER = GroundTruthConfig()  # Section 3.2
+OFFICIAL = GroundTruthConfig(sigma=10.0, kernel_size=49, keep_mass=False)  # the authors' code
+
+
 @dataclass
 class ModelConfig:
     """The network: DeepCount (Table 1) or the CSRNet baseline"""

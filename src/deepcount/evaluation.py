@@ -56,15 +56,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+import numpy as np
 
-if TYPE_CHECKING:  # heavy imports stay out of ``deepcount --help``
-    import numpy as np
+from . import __version__
+from .config import OFFICIAL, PAPER, GroundTruthConfig
+from .datasets import AnnotatedImage, registry_name
+from .images import load_image
+
+if TYPE_CHECKING:  # torch stays out of ``deepcount evaluate --help``: evaluate() imports it
     import torch
     from torch import nn
-
-    from .datasets import AnnotatedImage
-    from .targets import GroundTruthConfig
 
 __all__ = ["Evaluation", "ImageRow", "PROTOCOLS", "blurred_count", "evaluate", "ground_truth_label",
            "load_evaluation", "metrics", "resolve_ground_truth", "training_ground_truth"]
@@ -96,7 +97,6 @@ def metrics(pred: Sequence[float], truth: Sequence[float]) -> dict[str, float | 
 # ----------------------------------------------------------------------------- ground truth
 def ground_truth_name(config: GroundTruthConfig | None) -> str | None:
     """``"paper"`` / ``"official"`` for the two presets, ``"custom"`` otherwise."""
-    from .targets import OFFICIAL, PAPER
 
     if config is None:
         return None
@@ -115,7 +115,6 @@ def ground_truth_label(config: GroundTruthConfig | None) -> str:
 def _config_from(value: Any) -> GroundTruthConfig | None:
     """A GroundTruthConfig from what a sidecar may hold: ``"paper"``, ``"official"``, a dict
     of its fields, or a jsonargparse ``{"class_path", "init_args"}`` dict."""
-    from .targets import OFFICIAL, PAPER, GroundTruthConfig
 
     if isinstance(value, str):
         return {"paper": PAPER, "official": OFFICIAL}.get(value.strip().lower())
@@ -173,7 +172,6 @@ def resolve_ground_truth(info: dict, preset: str | GroundTruthConfig | None = No
     its fields (a new ``sigma`` without ``kernel_size`` takes the default size for it)."""
     from dataclasses import replace
 
-    from .targets import OFFICIAL, GroundTruthConfig
 
     if isinstance(preset, GroundTruthConfig):
         base, source = preset, "given"
@@ -444,9 +442,7 @@ def evaluate(model: nn.Module | str | os.PathLike, dataset: Sequence[AnnotatedIm
     import torch
     from tqdm import tqdm
 
-    from .datasets import registry_name
     from .engines import default_batch_size, engine_runner
-    from .images import load_image
     from .model import MAP_SIZES, CSRNet, DeepCount, architecture
     from .predict import load_network, resolve_device
     from .tiling import MODES, count_tiles

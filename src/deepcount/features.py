@@ -217,7 +217,7 @@ def feature_tile(features: np.ndarray | Tensor, top: int, left: int) -> Tensor:
 class FeatureCrops(torch.utils.data.Dataset):
     """Training samples of a frozen-frontend DeepCount: a 48x64 crop of an image's cached
     features (= a 384x512 crop at a pixel offset that is a multiple of 8) and the same six
-    targets :class:`deepcount.datasets.CrowdCrops` gives the pixel crop at that offset.
+    targets :class:`deepcount.crops.CrowdCrops` gives the pixel crop at that offset.
 
     Sample ``(i, seed)`` (what the training sampler yields) draws the crop from a generator
     seeded with ``seed``: its offset, a mirror with probability 1/2 (the mirrored image's own

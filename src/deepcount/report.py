@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .datasets import registry_name
+
 __all__ = ["PAPER_TABLE2", "PAPER_TABLE3", "PAPER_TABLE4", "PAPER_TABLE7", "PAPER_TABLE7_FLOPS",
            "PAPER_TABLE8", "PAPER_TABLE9", "Run", "branch_flops", "find_evaluations",
            "load_runs", "report"]
@@ -109,7 +111,6 @@ class Run:
 
     @property
     def dataset(self) -> str:
-        from .datasets import registry_name
 
         return registry_name(str((self.data.get("dataset") or {}).get("name", "?")))
 
@@ -156,7 +157,6 @@ class Run:
         if self.width != 1.0:
             parts.append(f"width {self.width:g}")
         trained = model.get("dataset")
-        from .datasets import registry_name
 
         if isinstance(trained, str) and trained and registry_name(trained) != self.dataset:
             parts.append(f"trained on {trained}")

@@ -35,14 +35,12 @@ from typing import NamedTuple
 import numpy as np
 
 from .cache import atomic_path, cache_dir
-from .config import GroundTruthConfig
+from .config import OFFICIAL, PAPER, GroundTruthConfig  # noqa: F401 - their home is config; here for users of targets
 from .model import INPUT_SIZE, MAP_STRIDES
 
 POOL_FACTORS: tuple[int, ...] = tuple(MAP_STRIDES[k] for k in sorted(MAP_STRIDES))  # 8 .. 128
 
 
-PAPER = GroundTruthConfig()  # Section 3.2
-OFFICIAL = GroundTruthConfig(sigma=10.0, kernel_size=49, keep_mass=False)  # the authors' code
 
 
 def gaussian_1d(sigma: float, radius: int) -> np.ndarray:

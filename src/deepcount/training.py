@@ -43,8 +43,9 @@ from . import __version__
 from .cache import atomic_path
 from .config import (CheckpointError, ConfigError, DataConfig, ModelConfig, RecipeConfig, TrainConfig,
                      TrainerConfig, frontend_source)
-from .datasets import (OUTSIDE_POLICIES, CrowdCrops, CrowdDataset, crop_batch,
-                       handle_points_outside, load_dataset, train_val_split, unreadable_images)
+from .crops import CrowdCrops, crop_batch
+from .datasets import (OUTSIDE_POLICIES, CrowdDataset, handle_points_outside, load_dataset, train_val_split,
+                       unreadable_images)
 from .engines import default_batch_size, native_bf16, retain_cpu_memory
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .loss import csrnet_loss, official_loss, paper_loss
