@@ -158,6 +158,38 @@ def test_a_tiny_run_on_synthetic_data_trains_exports_and_counts(synthetic, tmp_p
     assert counted.count >= 0 and len(counted.tile_counts) == 4  # 500x700: 2x2 tiles
 
 
+@pytest.mark.offline
+def test_weight_averaging_is_what_validates_checkpoints_exports_and_resumes(synthetic, tmp_path):
+    root = Path(synthetic[0].image).parent
+
+    def run(name: str, steps: int, *extra: str) -> dict:
+        return train(parse_config([
+            "--config", str(REPO / "configs" / "shb.yaml"), *SMALL, "--data.dataset", "custom", "--data.root", str(root),
+            "--data.split", "all", "--out", str(tmp_path), "--name", name, "--trainer.max_steps", str(steps),
+            "--trainer.checkpoint_every_n_steps", "1", "--recipe.optimizer", "adam", "--recipe.lr", "1e-3",
+            "--recipe.ema_decay", "0.5", *extra]))
+
+    straight = run("straight", 4)
+    ckpt = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    average, trained = ckpt["state_dict"], ckpt["current_model_state"]
+    assert "averaging_state" in ckpt and average.keys() == trained.keys()
+    head = "net.backbone.regressor.0.weight" if "net.backbone.regressor.0.weight" in average else next(
+        k for k in average if k.startswith("net.backbone.") and k.endswith("weight"))
+    assert not torch.equal(average[head], trained[head])  # an average, not the last step's weights
+    exported, _ = read_safetensors(straight["weights"])
+    for key, value in exported.items():  # the export is the average
+        torch.testing.assert_close(value, average["net." + key].float(), rtol=0, atol=0)
+    # stopped after 2 steps and resumed: the same average at step 4
+    run("resumed", 2)
+    resumed = run("resumed", 4, "--resume", "last")
+    again, _ = read_safetensors(resumed["weights"])
+    assert again.keys() == exported.keys()
+    for key in exported:
+        torch.testing.assert_close(again[key], exported[key], rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="ema_decay"):
+        check_config(parse_config(["--config", str(REPO / "configs" / "shb.yaml"), "--recipe.ema_decay", "1.5"]))
+
+
 def test_training_lowers_the_loss_and_writes_the_run(runs, shb_root):
     out, result = runs
     run = out / "straight"

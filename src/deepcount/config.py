@@ -176,6 +176,11 @@ class RecipeConfig:
     """start the count head's bias at the mean count of training crops (and each branch's last
     bias at that over its cells), so the count does not spend its first thousands of steps
     climbing from 0 to the crowd's size"""
+    ema_decay: float | None = None
+    """keep an exponential moving average of the weights (this decay per optimizer step: 0.99
+    averages about the last 100 steps) and validate, checkpoint and export the average
+    (Lightning's WeightAveraging): it damps the count's swings between steps; null: the weights
+    as trained"""
 
 
 @dataclass

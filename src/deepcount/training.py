@@ -124,6 +124,8 @@ def check_config(cfg: TrainConfig) -> None:
     if r.schedule == "cosine" and (r.decay_steps or cfg.trainer.max_steps) < 1:
         raise ConfigError("recipe.schedule cosine decays to 0 at recipe.decay_steps (default "
                           "trainer.max_steps): set one of them")
+    if r.ema_decay is not None and not 0.0 < r.ema_decay < 1.0:
+        raise ConfigError(f"recipe.ema_decay must be in (0, 1) (e.g. 0.99), or null for no average; got {r.ema_decay}")
     if r.warmup_steps < 0:
         raise ConfigError(f"recipe.warmup_steps must be >= 0, got {r.warmup_steps}")
     if d.batch_size < 1 or d.crops_per_image < 1:
@@ -699,6 +701,13 @@ def make_trainer(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Any:
     # CSV: one version folder per invocation (a resumed run appends version_1, ...: Lightning's
     # CSV writer would otherwise delete the earlier metrics.csv); TensorBoard appends events.
     loggers = [TensorBoardLogger(run, name="tensorboard", version=""), CSVLogger(run, name="csv")]
+    if cfg.recipe.ema_decay is not None:
+        # validation, checkpoints' state_dict (so best.ckpt and the export) and the end of the run
+        # hold the average; the checkpoint keeps the trained weights beside it for resuming
+        from lightning.pytorch.callbacks import WeightAveraging
+        from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+        callbacks = [*callbacks, WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(cfg.recipe.ema_decay))]
     return L.Trainer(
         default_root_dir=run, max_epochs=t.max_epochs, max_steps=t.max_steps, accelerator=t.accelerator,
         devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=_precision(t),
