@@ -19,7 +19,6 @@ folder unless ``--results`` says where.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import warnings
@@ -45,7 +44,7 @@ def main() -> int:
     from deepcount.datasets import load_dataset
     from deepcount.evaluation import evaluate, load_evaluation
     from deepcount.model import DeepCount
-    from deepcount.predict import load_network
+    from deepcount.weights import load_network
 
     limit = args.limit or (2 if args.smoke else None)
     temporary = args.smoke and args.results is None

@@ -75,7 +75,7 @@ def networks(width: float, smoke: bool) -> tuple[dict[str, torch.nn.Module], str
     if smoke or width != 1.0:
         return nets, "random weights"
     try:
-        from deepcount.predict import load_network
+        from deepcount.weights import load_network
         from deepcount.weights import load_vgg16_frontend
 
         nets["csrnet"], _ = load_network("csrnet-baseline")

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from .features import frontend_features
 from .model import DeepCount
 
 ENGINES = ("auto", "eager", "channels_last", "compile", "tf32", "bf16", "cudagraphs")
@@ -50,6 +51,32 @@ AUTO: dict[str, str] = {"cpu": "channels_last", "cuda": "channels_last"}
 # holds 90-170 MB of activations: peak RSS 766 MB at 2, 2,039 MB at 8 (docs/PERFORMANCE.md,
 # "Tiles per forward pass").  On CUDA: 8, pending a GPU measurement.
 AUTO_BATCH_SIZE: dict[str, int] = {"cpu": 2, "cuda": 8}
+
+
+DEVICES = ("auto", "cpu", "cuda")  # and cuda:N
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cpu``, ``cuda`` and ``cuda:N`` are checked
+    against what torch sees, so a bad device is a clear ``ValueError`` here and not a torch
+    error in the middle of a run."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be one of auto, cpu, cuda or cuda:N, got {str(device)!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} asked for, but torch sees no CUDA device "
+                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
+                             "use device 'cpu' or 'auto'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} asked for, but torch sees "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def default_batch_size(device: str | torch.device = "cpu") -> int:
@@ -312,8 +339,6 @@ class TorchRunner:
         """The features at ``level`` of a whole (H, W, 3) uint8 image (tiling ``features``)."""
         if self.level is None:
             raise ValueError("this runner takes image tiles: it has no frontend level")
-        from .features import frontend_features
-
         return frontend_features(self.model, image, self.level, device=self.device,
                                  precision="bf16" if self._low else "fp32")
 

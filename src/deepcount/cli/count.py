@@ -255,7 +255,8 @@ def _count_images(args: argparse.Namespace) -> int:
 
     from ..engines import out_of_memory
     from ..images import ImageLoadError
-    from ..predict import Counter, resolve_device
+    from ..engines import resolve_device
+    from ..predict import Counter
     from ..regions import RegionError
     from .common import region_option
 

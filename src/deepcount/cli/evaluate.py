@@ -32,7 +32,8 @@ def _run(args: argparse.Namespace) -> int:
     from ..datasets import dataset_root, load_dataset
     from ..engines import out_of_memory
     from ..images import ImageLoadError
-    from ..predict import load_network, resolve_device
+    from ..engines import resolve_device
+    from ..weights import load_network
 
     def fail(message: str, code: int = 2) -> int:
         print(f"error: {message}", file=sys.stderr)

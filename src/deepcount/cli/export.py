@@ -40,7 +40,7 @@ def _run(args: argparse.Namespace) -> int:
     from .. import export as ex
     from ..export import (FEATURE_SIZE, FEATURES_NAME, IMAGE_NAME, INPUT_NAME, INPUT_SIZE, META_PREFIX,
                           ExportError, frontend_path)
-    from ..predict import resolve_device
+    from ..engines import resolve_device
 
     try:
         resolve_device(args.device)
