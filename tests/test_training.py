@@ -158,7 +158,8 @@ def test_a_tiny_run_on_synthetic_data_trains_exports_and_counts(synthetic, tmp_p
     assert counted.count >= 0 and len(counted.tile_counts) == 4  # 500x700: 2x2 tiles
 
 
-def test_weight_averaging_is_what_validates_checkpoints_exports_and_resumes(  # three tiny runs: the real tiersynthetic, tmp_path):
+def test_weight_averaging_is_what_validates_checkpoints_exports_and_resumes(synthetic, tmp_path):
+    # (three tiny runs: too slow for the offline tier, so it runs with the real-data tests)
     root = Path(synthetic[0].image).parent
 
     def run(name: str, steps: int, *extra: str) -> dict:
