@@ -288,7 +288,7 @@ def test_onnx_counter_density_and_missing_branch(small, small_count_onnx, small_
     with pytest.raises(ValueError, match="no density branch 1"):
         count_only.count(img1, density="48x64")
     with pytest.raises(ValueError, match="exported without --density"):
-        count_only.model(torch.zeros(1, 3, 384, 512), 1)  # the runner itself refuses too
+        count_only.model(torch.zeros(1, 3, 384, 512), (1,))  # the runner itself refuses too
 
 
 def test_backend_onnxruntime_with_weights_exports_into_the_cache(small, img_small, tmp_path, monkeypatch):

@@ -323,7 +323,8 @@ def build(architecture: dict) -> nn.Module:
 
 def architecture(model: nn.Module) -> dict:
     """The inverse of :func:`build`."""
-    if ARCHITECTURES.get(getattr(model, "arch_name", None)) is not type(model):
+    cls = ARCHITECTURES.get(getattr(model, "arch_name", None))
+    if cls is None or not isinstance(model, cls):
         raise TypeError(f"not a deepcount network: {type(model).__name__}")
     return {"model": model.arch_name, **model.config}
 
