@@ -257,7 +257,9 @@ def test_frozen_configs_are_checked():
     check_config(parse_config(base))
     for extra, message in ((["--data.grey_probability", "0.1"], "grey"),
                            (["--data.val_tiling", "pad"], "val_tiling features"),
-                           (["--trainer.max_steps", "-1"], "max_steps")):
+                           (["--trainer.max_steps", "-1"], "max_steps"),
+                           (["--trainer.max_steps", "1450", "--trainer.check_val_every_n_epoch", "null",
+                             "--trainer.val_check_interval", "200"], "never be validated")):
         with pytest.raises(ConfigError, match=message):
             check_config(parse_config(base + extra))
 

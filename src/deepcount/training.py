@@ -137,6 +137,12 @@ def check_config(cfg: TrainConfig) -> None:
     if frontend_source(m) is not None and m.width != 1.0:
         raise ConfigError(f"model.frontend {m.frontend} needs model.width 1.0 (VGG16's channels); "
                           "use model.frontend none (or auto) for a narrower model")
+    t = cfg.trainer
+    if (t.max_steps > 0 and t.check_val_every_n_epoch is None and isinstance(t.val_check_interval, int)
+            and not isinstance(t.val_check_interval, bool) and t.max_steps % t.val_check_interval):
+        raise ConfigError(f"trainer.max_steps {t.max_steps} is not a multiple of trainer.val_check_interval "
+                          f"{t.val_check_interval}: the last {t.max_steps % t.val_check_interval} steps would never be "
+                          "validated, so the exported best checkpoint could not come from them")
     if cfg.trainer.checkpoint_every_n_steps < 1:
         raise ConfigError("trainer.checkpoint_every_n_steps must be >= 1")
     if cfg.trainer.memory_format not in ("auto", "channels_last", "contiguous"):
