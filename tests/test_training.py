@@ -280,7 +280,11 @@ def test_nchw_and_channels_last_train_the_same_weights(runs):
     nchw, default = weights(out / "nchw"), weights(out / "straight")
     assert nchw.keys() == default.keys()
     worst = max(float((nchw[k] - default[k]).abs().max()) for k in nchw)
-    assert worst < 1e-5, worst
+    # precision auto trains in bf16-mixed where the CPU computes bf16 natively: the layouts then
+    # round bf16 partial sums differently, so the weights agree less closely than in float32
+    from deepcount.engines import native_bf16
+
+    assert worst < (1e-4 if native_bf16("cpu") else 1e-5), worst
 
 
 def test_ddp_on_two_processes_trains_what_one_process_trains(runs):
