@@ -161,9 +161,8 @@ class Counter:
     @property
     def density_branches(self) -> tuple[int, ...]:
         """The density maps ``count(..., density=k)`` can give (1 = 48x64 per 384x512 tile)."""
-        if isinstance(self.model, nn.Module):
-            return tuple(self.model.density_branches)  # a CSRNet's one map has branch 1's size
-        return tuple(self.info.get("branches", ()))
+        # a registered network says (a CSRNet's one map has branch 1's size); a runner's file does
+        return tuple(getattr(self.model, "density_branches", None) or self.info.get("branches", ()))
 
     @property
     def picture_branch(self) -> int | None:
