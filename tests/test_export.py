@@ -191,14 +191,14 @@ def test_real_tiles_come_from_both_photos(tiles, img_small):
 
 def test_count_only_graph_has_no_branch(small, small_count_onnx, small_density_onnx):
     result, graph = small_count_onnx
-    assert result.outputs == ["count"] and graph.branch is None
+    assert result.outputs == ["count"] and graph.branch_index is None and graph.net.density_branches == ()
     count_model = onnx.load(str(result.path))
     density_model = onnx.load(str(small_density_onnx[0].path))
     ops = {n.op_type for n in count_model.graph.node}
     assert "ConvTranspose" not in ops and "Concat" not in ops
     assert "ConvTranspose" in {n.op_type for n in density_model.graph.node}
     assert not [i.name for i in count_model.graph.initializer if "branch" in i.name]
-    assert [i.name for i in density_model.graph.initializer if i.name.startswith("branch.")]
+    assert [i.name for i in density_model.graph.initializer if i.name.startswith("net.branches.")]
     net = small[1]
     weights = sum(int(np.prod(i.dims)) for i in count_model.graph.initializer)
     smallest_branch = min(count_parameters(b) for b in net.branches.values())

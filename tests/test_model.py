@@ -187,3 +187,41 @@ def test_build_names_the_registered_networks_for_an_unknown_one():
         build({"model": "resnet"})
     with pytest.raises(TypeError, match="not a deepcount network"):
         architecture(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("name", ["deepcount", "csrnet"])
+def test_every_architecture_has_the_interface_the_rest_of_the_package_uses(name):
+    from deepcount.model import ARCHITECTURES, architecture, build
+    net = build({"model": name, "width": 0.125}).eval()
+    assert isinstance(net, ARCHITECTURES[name]) and architecture(net)["model"] == name
+    assert isinstance(net.frontend, nn.Sequential) and len(net.frontend) == 23
+    x = torch.rand(1, 3, *INPUT_SIZE)
+    count, maps = net.forward_maps(x, net.density_branches[:1])
+    assert count.shape == (1,) and list(maps) == list(net.density_branches[:1])
+    assert torch.allclose(count, net(x), rtol=1e-5, atol=1e-5)
+    whole = net.with_branches(None)  # shares the modules: the same tensors, not copies
+    assert {k: v.data_ptr() for k, v in whole.state_dict().items()} == \
+        {k: v.data_ptr() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError):
+        net.with_branches((7,))
+    if net.feature_levels:  # started from conv4_2 features: the same count as from the image
+        feats = net.frontend[:21](x)
+        assert torch.allclose(net(feats, level="conv4_2"), net(x), rtol=1e-4, atol=1e-4)
+    else:
+        with pytest.raises(ValueError, match="images"):
+            net.forward_maps(x, level="conv4_2")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        count, _ = net.forward_maps(x, (), float32_head=True)
+    assert count.dtype == (torch.bfloat16 if net.counts_by_map else torch.float32)
+
+
+def test_with_branches_keeps_the_backbone_and_only_the_branches_asked_for():
+    net = DeepCount(0.125)
+    two = net.with_branches((2,))
+    assert two.attached == (2,) and two.config["branches"] == [2] and net.attached == ALL_BRANCHES
+    assert two.backbone is net.backbone and two.branches["2"] is net.branches["2"]
+    assert not [k for k in two.state_dict() if k.startswith("branches.") and not k.startswith("branches.2.")]
+    net.start_counts_at(31.0)
+    assert net.backbone.fc.bias.item() == 31.0
+    h, w = MAP_SIZES[3]
+    assert math.isclose(net.branches["3"].predict.bias.item(), 31.0 / (h * w), rel_tol=1e-6)

@@ -38,7 +38,6 @@ import torch
 from torch import Tensor, nn
 
 from .features import frontend_features
-from .model import DeepCount
 
 ENGINES = ("auto", "eager", "channels_last", "compile", "tf32", "bf16", "cudagraphs")
 PRECISIONS = ("default", "fp32", "tf32", "bf16")
@@ -260,18 +259,15 @@ def forward(model: nn.Module, batch: Tensor, branches: Sequence[int] = (),
         _, maps = model.forward_maps(batch, model.density_branches[:1], **at)
         density = next(iter(maps.values())).float()
         return density.sum((1, 2, 3)), {b: density[:, 0] for b in branches}
-    if low_precision and isinstance(model, DeepCount):
-        vector, skips = model.backbone.features(batch, level)
-        maps = {b: model.branches[str(b)](vector, skips) for b in branches}
-        with torch.autocast(batch.device.type, enabled=False):
-            count = model.backbone.head(vector.float())
-    elif branches:
+    if branches or (low_precision and hasattr(model, "forward_maps")):
+        if low_precision:
+            at["float32_head"] = True
         count, maps = model.forward_maps(batch, branches, **at)
     else:
         count, maps = model(batch, **at), {}
     count, maps = count.float(), {b: m.float()[:, 0] for b, m in maps.items()}
-    if isinstance(model, DeepCount):
-        count, maps = count.clamp_min(0), {b: m.clamp_min(0) for b, m in maps.items()}
+    # a network that regresses its count (DeepCount) ends in linear layers: clamp at 0
+    count, maps = count.clamp_min(0), {b: m.clamp_min(0) for b, m in maps.items()}
     return count, maps
 
 
@@ -312,7 +308,7 @@ class TorchRunner:
             warnings.warn(f"engine {self.engine.name!r} runs bfloat16, which this {self.device.type} only emulates "
                           "(about 12x slower than float32 on an AVX2-only CPU); engine='auto' is faster here",
                           stacklevel=3)
-        if level is not None and not isinstance(model, DeepCount):
+        if level is not None and level not in getattr(model, "feature_levels", ()):
             raise ValueError(f"feature-level tiling needs a DeepCount, not a {type(model).__name__}")
         if self.engine.retain_memory and self.device.type == "cpu" and not _retaining:
             retain_cpu_memory(True)

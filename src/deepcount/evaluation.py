@@ -443,7 +443,7 @@ def evaluate(model: nn.Module | str | os.PathLike, dataset: Sequence[AnnotatedIm
     from tqdm import tqdm
 
     from .engines import default_batch_size, engine_runner, resolve_device
-    from .model import MAP_SIZES, CSRNet, DeepCount, architecture
+    from .model import MAP_SIZES, architecture
     from .weights import load_network
     from .tiling import MODES, count_tiles
 
@@ -461,7 +461,7 @@ def evaluate(model: nn.Module | str | os.PathLike, dataset: Sequence[AnnotatedIm
     if tiling not in MODES:
         raise ValueError(f"tiling must be one of {MODES}, got {tiling!r}")
     level = (level or info.get("feature_level") or "conv4_3") if tiling == "features" else None
-    if level is not None and not isinstance(model, DeepCount):
+    if level is not None and level not in getattr(model, "feature_levels", ()):
         raise ValueError(f"tiling 'features' needs a DeepCount, not a {type(model).__name__}")
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -476,18 +476,20 @@ def evaluate(model: nn.Module | str | os.PathLike, dataset: Sequence[AnnotatedIm
     if limit is not None and int(limit) < 1:
         raise ValueError(f"limit must be at least 1, got {limit!r}")
 
-    is_deepcount, is_csrnet = isinstance(model, DeepCount), isinstance(model, CSRNet)
-    if is_deepcount:
-        wanted = model.attached if branches is None else tuple(sorted({int(b) for b in branches}))
-        missing = [b for b in wanted if b not in model.attached]
+    by_map = bool(getattr(model, "counts_by_map", False))
+    has_branches = not by_map and hasattr(model, "density_branches")
+    attached = tuple(model.density_branches) if has_branches else ()
+    if has_branches:
+        wanted = attached if branches is None else tuple(sorted({int(b) for b in branches}))
+        missing = [b for b in wanted if b not in attached]
         if missing:
-            raise ValueError(f"branch(es) {missing} not attached to this model; attached: {model.attached}")
+            raise ValueError(f"branch(es) {missing} not attached to this model; attached: {attached}")
     elif branches:
         raise ValueError(f"only a DeepCount has branches; this is a {type(model).__name__}")
     else:
         wanted = ()
-    outputs = {"count": "backbone count" if is_deepcount else
-               "density map sum (CSRNet, padding cells left out)" if is_csrnet else "count"}
+    outputs = {"count": "density map sum (CSRNet, padding cells left out)" if by_map else
+               "backbone count" if getattr(model, "arch_name", None) else "count"}
     outputs.update({f"branch{k}": f"branch {k} map sum ({MAP_SIZES[k][0]}x{MAP_SIZES[k][1]})"
                     for k in wanted})
 

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from .cache import atomic_path, cache_dir
-from .model import (FEATURE_SIZE, INPUT_SIZE, MAP_SIZES, CSRNet, DeepCount, architecture, frontend_split,
+from .model import (ARCHITECTURES, FEATURE_SIZE, INPUT_SIZE, MAP_SIZES, architecture, frontend_split,
                     parse_density)
 from .engines import resolve_device
 from .features import frontend_features, receptive_radius, windowed_features
@@ -82,25 +82,22 @@ class CountGraph(nn.Module):
 
     def __init__(self, net: nn.Module, branch: int | None = None, level: str | None = None):
         super().__init__()
-        self.is_csrnet = isinstance(net, CSRNet)
+        if getattr(net, "arch_name", None) not in ARCHITECTURES:
+            raise ExportError(f"not a deepcount network: {type(net).__name__}")
+        self.counts_by_map = bool(net.counts_by_map)
         self.level = level  # tiling `features`: the input is 48x64 tiles of features at this level
-        if level is not None and not isinstance(net, DeepCount):
+        if level is not None and level not in net.feature_levels:
             raise ExportError(f"tiling 'features' needs a DeepCount, not a {type(net).__name__}")
-        if self.is_csrnet:
-            if branch not in (None, 1):
+        if self.counts_by_map:  # the count is the map's sum: the map is always output
+            if branch not in (None, *net.density_branches):
                 raise ExportError(f"a CSRNet has one density map, stride 8 ({_size(1)}, branch 1); "
                                   f"got branch {branch}")
-            self.csrnet = net
-            self.branch_index: int | None = 1
-        elif isinstance(net, DeepCount):
-            if branch is not None and str(branch) not in net.branches:
-                raise ExportError(f"this DeepCount has no branch {branch} ({_size(branch)}); "
-                                  f"attached: {net.attached}")
-            self.backbone = net.backbone
-            self.branch = net.branches[str(branch)] if branch is not None else None
-            self.branch_index = branch
-        else:
-            raise ExportError(f"not a deepcount network: {type(net).__name__}")
+            branch = net.density_branches[0]
+        elif branch is not None and branch not in net.density_branches:
+            raise ExportError(f"this DeepCount has no branch {branch} ({_size(branch)}); "
+                              f"attached: {net.density_branches}")
+        self.branch_index: int | None = branch
+        self.net = net.with_branches(() if branch is None else (branch,))
 
     @property
     def output_names(self) -> list[str]:
@@ -114,19 +111,21 @@ class CountGraph(nn.Module):
         """An input for tracing (batch 2: the exporter must not specialise N to 1)."""
         if self.level is None:
             return torch.zeros(2, 3, *INPUT_SIZE)
-        channels = self.backbone.frontend[frontend_split(self.level) - 2].out_channels
+        channels = self.net.frontend[frontend_split(self.level) - 2].out_channels
         return torch.zeros(2, channels, *FEATURE_SIZE)
 
     def forward(self, tiles: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        if self.is_csrnet:
-            density = self.csrnet.density(tiles)
-            return density.sum((1, 2, 3)), density
-        # counts and cells clamped at 0 as in PyTorch inference (the heads are linear)
-        vector, skips = self.backbone.features(tiles, self.level)
-        count = self.backbone.head(vector).clamp_min(0)
-        if self.branch is None:
-            return count
-        return count, self.branch(vector, skips).clamp_min(0)
+        at = {"level": self.level} if self.level is not None else {}
+        if self.branch_index is None:
+            count = self.net(tiles, **at)
+        else:
+            count, maps = self.net.forward_maps(tiles, (self.branch_index,), **at)
+        if not self.counts_by_map:  # counts and cells clamped at 0 as in PyTorch inference (linear heads)
+            count = count.clamp_min(0)
+            if self.branch_index is None:
+                return count
+            return count, maps[self.branch_index].clamp_min(0)
+        return count, maps[self.branch_index]
 
 
 class FrontendGraph(nn.Module):
@@ -165,10 +164,7 @@ def prepare(model: str | os.PathLike = "default", density: int | str | None = No
 
 def metadata(graph: CountGraph, info: dict) -> dict[str, str]:
     """The ``deepcount.*`` key/value strings written into an exported file."""
-    net = graph.csrnet if graph.is_csrnet else None
-    arch = architecture(net) if net is not None else dict(info["architecture"])
-    if not graph.is_csrnet:
-        arch["branches"] = [graph.branch_index] if graph.branch_index is not None else []
+    arch = architecture(graph.net)
     described = {k: v for k, v in info.items() if k != "file"}
     branch = graph.branch_index
     outputs = {"count": ["N"]}
@@ -183,7 +179,7 @@ def metadata(graph: CountGraph, info: dict) -> dict[str, str]:
         "source_sha256": str(info.get("sha256", "")),
         "outputs": json.dumps(outputs),
         "density_branch": "" if branch is None else str(branch),
-        "counts_by_map": json.dumps(graph.is_csrnet),
+        "counts_by_map": json.dumps(graph.counts_by_map),
         "tiling": str(info.get("tiling", "pad")),
         "feature_level": graph.level or "",
         "input": json.dumps(
@@ -616,7 +612,7 @@ def real_tiles(images: Sequence[tuple[str, np.ndarray]], tiling: str = "pad",
         plan = plan_tiles(image.shape[0], image.shape[1], tiling)
         if tiling == "features":
             assert graph is not None and graph.level is not None, "tiling features needs the graph"
-            feats = frontend_features(graph.backbone.frontend, image, graph.level)
+            feats = frontend_features(graph.net.frontend, image, graph.level)
             batches = feature_batches(feats, plan, batch_size=limit)
         else:
             batches = tile_batches(image, plan, batch_size=limit)
@@ -661,7 +657,7 @@ def check_frontend(path: Path, graph: CountGraph, images: Sequence[tuple[str, np
     runner, _ = load_onnx_runner(path, device)
     worst = 0.0
     for _, image in images:
-        ref = frontend_features(graph.backbone.frontend.cpu(), image, str(graph.level))
+        ref = frontend_features(graph.net.frontend.cpu(), image, str(graph.level))
         got = runner.frontend(image)
         worst = max(worst, float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12)))
     return worst
@@ -710,4 +706,4 @@ def frontend_graph(graph: CountGraph) -> FrontendGraph | None:
     """The frontend file's module of a ``features``-tiled graph (None otherwise)."""
     if graph.level is None:
         return None
-    return FrontendGraph(graph.backbone.frontend, graph.level).eval()
+    return FrontendGraph(graph.net.frontend, graph.level).eval()

@@ -62,7 +62,7 @@ def _frontend(net: nn.Module) -> nn.Sequential:
     """The frontend of a DeepCount / CSRNet, or ``net`` itself when it is one (or its start)."""
     if isinstance(net, nn.Sequential):
         return net
-    return net.backbone.frontend if hasattr(net, "backbone") else net.frontend
+    return net.frontend
 
 
 def usable_size(height: int, width: int) -> tuple[int, int]:

@@ -215,6 +215,7 @@ class DeepCount(nn.Module):
 
     arch_name = "deepcount"
     counts_by_map = False  # the count is the backbone's regression, not a map's sum
+    feature_levels = tuple(FRONTEND_LEVELS)  # it can start from frontend features (tiling `features`)
 
     def __init__(self, width: float = 1.0, activation: str = "prelu",
                  branches: Sequence[int] = ALL_BRANCHES):
@@ -237,21 +238,53 @@ class DeepCount(nn.Module):
         """The density maps :meth:`forward_maps` can give: the attached branches."""
         return self.attached
 
+    @property
+    def frontend(self) -> nn.Sequential:
+        """The VGG16 frontend (conv1_1 ... conv4_3), the backbone's first part."""
+        return self.backbone.frontend
+
+    def with_branches(self, branches: Sequence[int] | None = None) -> "DeepCount":
+        """This network with only ``branches`` attached (None: all), sharing its modules: what
+        an inference graph or file holds (a traced module keeps every submodule it holds)."""
+        keep = self.attached if branches is None else tuple(sorted({int(b) for b in branches}))
+        missing = [b for b in keep if b not in self.attached]
+        if missing:
+            raise ValueError(f"branch(es) {missing} not attached; attached: {self.attached}")
+        net = DeepCount.__new__(DeepCount)
+        nn.Module.__init__(net)
+        net.config = {**self.config, "branches": list(keep)}
+        net.backbone = self.backbone
+        net.branches = nn.ModuleDict({str(b): self.branches[str(b)] for b in keep})
+        return net.train(self.training)
+
+    @torch.no_grad()
+    def start_counts_at(self, mean: float) -> None:
+        """Start the count head's bias at ``mean`` people per crop and each branch's last bias
+        at that mean spread over its cells (``recipe.init_count_bias``)."""
+        self.backbone.fc.bias.fill_(mean)
+        for k, branch in self.branches.items():
+            h, w = MAP_SIZES[int(k)]
+            branch.predict.bias.fill_(mean / (h * w))
+
     def forward(self, x: Tensor, level: str | None = None) -> Tensor:
         """The backbone alone: counts, shape (B,). No branch is computed.  ``level``: ``x``
         holds 48x64 feature crops from that frontend level (see ``Backbone.features``)."""
         return self.backbone(x, level)
 
-    def forward_maps(self, x: Tensor, branches: Sequence[int] | None = None, level: str | None = None
-                     ) -> tuple[Tensor, dict[int, Tensor]]:
+    def forward_maps(self, x: Tensor, branches: Sequence[int] | None = None, level: str | None = None,
+                     float32_head: bool = False) -> tuple[Tensor, dict[int, Tensor]]:
         """The count and the density maps of ``branches`` (all attached ones when None);
-        only the branches asked for run.  ``level`` as in :meth:`forward`."""
+        only the branches asked for run.  ``level`` as in :meth:`forward`.  ``float32_head``:
+        the count head runs in float32 even under an active autocast (low-precision inference)."""
         wanted = self.attached if branches is None else tuple(int(b) for b in branches)
         missing = [b for b in wanted if str(b) not in self.branches]
         if missing:
             raise ValueError(f"branch(es) {missing} not attached; attached: {self.attached}")
         vector, skips = self.backbone.features(x, level)
         maps = {b: self.branches[str(b)](vector, skips) for b in wanted}
+        if float32_head:
+            with torch.autocast(x.device.type, enabled=False):
+                return self.backbone.head(vector.float()), maps
         return self.backbone.head(vector), maps
 
 
@@ -266,6 +299,7 @@ class CSRNet(nn.Module):
     arch_name = "csrnet"
     counts_by_map = True  # the count is its density map's sum (tiled: over a tile's image cells)
     density_branches = (1,)  # its one density map has branch 1's stride (8)
+    feature_levels: tuple[str, ...] = ()  # it takes images only
 
     def __init__(self, width: float = 1.0):
         super().__init__()
@@ -292,9 +326,19 @@ class CSRNet(nn.Module):
         """Counts (the density map's sum), shape (B,)."""
         return self.density(x).sum(dim=(1, 2, 3))
 
-    def forward_maps(self, x: Tensor, branches: Sequence[int] | None = None, level: str | None = None
-                     ) -> tuple[Tensor, dict[int, Tensor]]:
-        """DeepCount's interface: the count and the density map as ``{1: (B, 1, H/8, W/8)}``."""
+    def with_branches(self, branches: Sequence[int] | None = None) -> "CSRNet":
+        """DeepCount's interface: a CSRNet's one map is part of its count, so it is whole."""
+        if branches is not None and any(int(b) not in self.density_branches for b in branches):
+            raise ValueError(f"a CSRNet has one density map (branch 1's size), not {list(branches)}")
+        return self
+
+    def start_counts_at(self, mean: float) -> None:
+        """DeepCount's interface: a CSRNet's count is a sum over cells, left at its own start."""
+
+    def forward_maps(self, x: Tensor, branches: Sequence[int] | None = None, level: str | None = None,
+                     float32_head: bool = False) -> tuple[Tensor, dict[int, Tensor]]:
+        """DeepCount's interface: the count and the density map as ``{1: (B, 1, H/8, W/8)}``
+        (``float32_head``: nothing to do, its count is a sum that callers take in float32)."""
         if level is not None:
             raise ValueError("a CSRNet takes images, not frontend features (level)")
         wanted = self.density_branches if branches is None else tuple(int(b) for b in branches)
@@ -306,8 +350,10 @@ class CSRNet(nn.Module):
 
 # The networks `build` makes, by the name their architecture description carries.  Each has
 # the same small interface: ``config`` (its build arguments), ``forward(x)`` -> counts (B,),
-# ``forward_maps(x, branches, level)`` -> (counts, {branch: (B, 1, h, w)}), ``density_branches``
-# and ``counts_by_map``.  A third network is one more class with these and one more entry.
+# ``forward_maps(x, branches, level, float32_head)`` -> (counts, {branch: (B, 1, h, w)}),
+# ``density_branches``, ``counts_by_map``, ``feature_levels`` (the frontend levels it can start
+# from), ``frontend``, ``with_branches(branches)`` and ``start_counts_at(mean)``.  A third
+# network is one more class with these and one more entry; nothing else branches on the class.
 ARCHITECTURES: dict[str, type[nn.Module]] = {"deepcount": DeepCount, "csrnet": CSRNet}
 
 

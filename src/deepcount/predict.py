@@ -23,7 +23,7 @@ from torch import nn
 
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from .engines import ENGINES, Engine, Runner, default_batch_size, engine_runner, resolve_device, resolve_engine
-from .model import CSRNet, DeepCount, parse_density
+from .model import parse_density
 from .tiling import MODES, DensityMap, count_tiles
 from .weights import DEFAULT_MODEL, load_network
 
@@ -82,9 +82,9 @@ class Counter:
         if self.tiling == "features" and getattr(model, "level", None):  # an exported one
             self.level = model.level
         elif self.tiling == "features":
-            if not isinstance(model, DeepCount):
+            if not getattr(model, "feature_levels", ()):
                 raise ValueError(f"tiling 'features' needs a DeepCount; {info.get('name', 'this model')} "
-                                 f"is {'a CSRNet' if isinstance(model, CSRNet) else 'an exported model'}: "
+                                 f"is {'a CSRNet' if getattr(model, 'arch_name', None) == 'csrnet' else 'an exported model'}: "
                                  "use tiling 'pad' or 'grid'")
             self.level = info.get("feature_level") or "conv4_3"
         self.batch_size = default_batch_size(device) if batch_size is None else int(batch_size)

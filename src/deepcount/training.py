@@ -50,7 +50,7 @@ from .engines import default_batch_size, native_bf16, retain_cpu_memory
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .loss import csrnet_loss, official_loss, paper_loss
 from .features import FeatureCache, FeatureCrops
-from .model import ALL_BRANCHES, FRONTEND_LEVELS, MAP_SIZES, CSRNet, DeepCount, architecture, build, frontend_split
+from .model import ALL_BRANCHES, FRONTEND_LEVELS, CSRNet, DeepCount, architecture, build, frontend_split
 from .targets import GroundTruthCache
 from .tiling import count_tiles
 from .weights import load_vgg16_frontend, sha256_file
@@ -326,7 +326,7 @@ class CrowdDataModule(L.LightningDataModule if L is not None else object):  # ty
 
         net = self.net if self.net is not None else trainer.lightning_module.net
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        frontend = copy.deepcopy(net.backbone.frontend[:frontend_split(self.frozen)]).to(device).eval()
+        frontend = copy.deepcopy(net.frontend[:frontend_split(self.frozen)]).to(device).eval()
         return FeatureCache(frontend, self.frozen, root=self.cfg.feature_cache,
                             precision=self.cfg.feature_precision, device=device, max_pixels=self.cfg.max_pixels)
 
@@ -391,7 +391,7 @@ class DeepCountModule(L.LightningModule if L is not None else object):  # type: 
         self.net = build_network(self.model_cfg)
         self.level = self.model_cfg.frozen
         if self.level is not None:  # trained from cached features: nothing below them learns
-            for p in self.net.backbone.frontend[:frontend_split(self.level)].parameters():
+            for p in self.net.frontend[:frontend_split(self.level)].parameters():
                 p.requires_grad_(False)
         # channels_last: weights (and so gradients, optimizer state) and crops in NHWC memory;
         # checkpoints hold the same values either way (load_state_dict copies into this layout)
@@ -419,11 +419,7 @@ class DeepCountModule(L.LightningModule if L is not None else object):  # type: 
         n = len(crops)
         picks = [(int(gen.integers(n)), int(gen.integers(2 ** 62))) for _ in range(min(samples, 4 * n))]
         mean = float(np.mean([float(crops.targets(*crops.draw(p)[:4])[-1]) for p in picks]))
-        if isinstance(self.net, DeepCount):
-            self.net.backbone.fc.bias.fill_(mean)
-            for k, branch in self.net.branches.items():
-                h, w = MAP_SIZES[int(k)]
-                branch.predict.bias.fill_(mean / (h * w))
+        self.net.start_counts_at(mean)
         return mean
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -487,7 +483,7 @@ class DeepCountModule(L.LightningModule if L is not None else object):  # type: 
 
     def configure_optimizers(self) -> Any:
         r = self.recipe
-        frontend = self.net.backbone.frontend if isinstance(self.net, DeepCount) else self.net.frontend
+        frontend = self.net.frontend
         front_ids = {id(p) for p in frontend.parameters()}
         trained = [p for p in self.net.parameters() if p.requires_grad]  # not the frozen frontend
         groups = [
@@ -556,13 +552,8 @@ def git_commit() -> str | None:
 def inference_state(net: nn.Module, branches: Sequence[int] | None) -> tuple[dict[str, Tensor], dict]:
     """The tensors and architecture of the inference network: the backbone and ``branches``
     (None: every attached branch) of a DeepCount, or a whole CSRNet."""
-    arch = architecture(net)
-    state = net.state_dict()
-    if isinstance(net, DeepCount):
-        keep = list(net.attached if branches is None else sorted(set(branches)))
-        arch["branches"] = keep
-        state = {k: v for k, v in state.items()
-                 if not k.startswith("branches.") or int(k.split(".")[1]) in keep}
+    net = net.with_branches(branches)
+    arch, state = architecture(net), net.state_dict()
     return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}, arch
 
 

@@ -198,7 +198,7 @@ def frontend_from_torchvision(source: str | os.PathLike = TORCHVISION_VGG16_URL,
 
 def load_frontend(module: nn.Module, state: Mapping[str, Tensor]) -> None:
     """Copy ``frontend.*`` tensors into ``module`` (a DeepCount, its Backbone or a CSRNet)."""
-    frontend = module.backbone.frontend if hasattr(module, "backbone") else module.frontend
+    frontend = module.frontend
     sub = {k.removeprefix("frontend."): v for k, v in state.items() if k.startswith("frontend.")}
     own = frontend.state_dict()
     bad = [k for k in own if k not in sub or sub[k].shape != own[k].shape]

@@ -23,7 +23,7 @@ def _describe_outputs(graph) -> str:
     if graph.branch_index is not None:
         h, w = MAP_SIZES[graph.branch_index]
         parts.append(f"density (N,1,{h},{w})" + (" [CSRNet: always; count = its sum]"
-                                                  if graph.is_csrnet else f" [branch {graph.branch_index}]"))
+                                                  if graph.counts_by_map else f" [branch {graph.branch_index}]"))
     return ", ".join(parts)
 
 
