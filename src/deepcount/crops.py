@@ -6,7 +6,7 @@ cutting that runs on the accelerator (:func:`crop_batch`).  The images and point
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from .images import DEFAULT_MAX_PIXELS, IMAGENET_MEAN, IMAGENET_STD, image_size,
 from .model import INPUT_SIZE as TILE
 from .targets import PAPER, GroundTruthCache, GroundTruthConfig, HeadKernels
 
-__all__ = ["CrowdCrops", "crop_batch", "grey_levels"]
+__all__ = ["CrowdCrops", "crop_batch", "draw_crop", "grey_levels"]
 
 
 class CrowdCrops(torch.utils.data.Dataset):
@@ -112,24 +112,40 @@ class CrowdCrops(torch.utils.data.Dataset):
     def draw(self, i: int | tuple[int, int]) -> tuple[int, int, int, bool, bool]:
         """The augmentation of sample ``i`` (an int, or ``(i, seed)``): image index, crop
         top-left, mirror, grey."""
-        gen = None
-        if isinstance(i, tuple):
-            i, seed = i
-            gen = torch.Generator().manual_seed(int(seed))
-        index = int(i) // self.crops_per_image
-        h, w = self.size(index)
-        overhang = self.overhang_probability > 0 and bool(torch.rand((), generator=gen) < self.overhang_probability)
-        top = int(torch.randint(0, (h - 1 if overhang else max(h - TILE[0], 0)) + 1, (), generator=gen))
-        left = int(torch.randint(0, (w - 1 if overhang else max(w - TILE[1], 0)) + 1, (), generator=gen))
-        flip = self.mirror and bool(torch.rand((), generator=gen) < 0.5)
-        grey = self.grey_probability > 0 and bool(torch.rand((), generator=gen) < self.grey_probability)
-        return index, top, left, flip, grey
+        return draw_crop(i, self.crops_per_image, self.size, TILE, self.overhang_probability,
+                         self.mirror, self.grey_probability)
 
     def __getitem__(self, i: int | tuple[int, int]):
         index, top, left, flip, grey = self.draw(i)
         if self.params_only:  # the crop is cut on the device (crop_batch): no pixels here
             return torch.tensor([index, top, left, flip, grey]), self.targets(index, top, left, flip)
         return self.sample(index, top, left, flip, grey)
+
+
+def draw_crop(i: int | tuple[int, int], crops_per_image: int, size: Callable[[int], tuple[int, int]],
+              tile: tuple[int, int], overhang_probability: float = 0.0, mirror: bool = True,
+              grey_probability: float = 0.0) -> tuple[int, int, int, bool, bool]:
+    """One training crop's draw, for pixel crops (:class:`CrowdCrops`) and feature crops
+    (:class:`deepcount.features.FeatureCrops`) alike: sample ``i`` (an int, drawn from the
+    global torch generator, or ``(i, seed)``, drawn from its own) of image ``i //
+    crops_per_image``, whose ``size(index)`` is (h, w) in the units of ``tile``.  Returns
+    (image index, top, left, mirror, grey).  The crop lies inside the image when it fits (else
+    at 0), or with ``overhang_probability`` anywhere its top-left is inside.  The draws come in
+    a fixed order (overhang, top, left, mirror, grey), each only when its option is on, so a
+    run rebuilt or resumed from its seed draws the same crops."""
+    gen = None
+    if isinstance(i, tuple):
+        i, seed = i
+        gen = torch.Generator().manual_seed(int(seed))
+    index = int(i) // crops_per_image
+    h, w = size(index)
+    overhang = overhang_probability > 0 and bool(torch.rand((), generator=gen) < overhang_probability)
+    top_max, left_max = (h - 1, w - 1) if overhang else (max(h - tile[0], 0), max(w - tile[1], 0))
+    top = int(torch.randint(0, top_max + 1, (), generator=gen))
+    left = int(torch.randint(0, left_max + 1, (), generator=gen))
+    flip = mirror and bool(torch.rand((), generator=gen) < 0.5)
+    grey = grey_probability > 0 and bool(torch.rand((), generator=gen) < grey_probability)
+    return index, top, left, flip, grey
 
 
 def grey_levels(rgb: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:

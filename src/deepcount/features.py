@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .cache import atomic_path, cache_dir
+from .crops import draw_crop
 from .images import DEFAULT_MAX_PIXELS, load_image, to_tensor
 from .model import FEATURE_SIZE, FEATURE_STRIDE, FRONTEND_LEVELS, INPUT_SIZE, frontend_split
 from .weights import sha256_file
@@ -266,20 +267,10 @@ class FeatureCrops(torch.utils.data.Dataset):
         return k
 
     def draw(self, i: int | tuple[int, int]) -> tuple[int, int, int, bool]:
-        """Image index, crop top-left in cells of the (mirrored when flip) features, mirror."""
-        gen = None
-        if isinstance(i, tuple):
-            i, seed = i
-            gen = torch.Generator().manual_seed(int(seed))
-        index = int(i) // self.crops_per_image
-        h, w = self.cells(index)
-        fh, fw = FEATURE_SIZE
-        overhang = self.overhang_probability > 0 and bool(torch.rand((), generator=gen) < self.overhang_probability)
-        top_max, left_max = (h - 1, w - 1) if overhang else (max(h - fh, 0), max(w - fw, 0))
-        top = int(torch.randint(0, top_max + 1, (), generator=gen))
-        left = int(torch.randint(0, left_max + 1, (), generator=gen))
-        flip = self.mirror and bool(torch.rand((), generator=gen) < 0.5)
-        return index, top, left, flip
+        """Image index, crop top-left in cells of the (mirrored when flip) features, mirror:
+        :func:`deepcount.crops.draw_crop` in cells."""
+        return draw_crop(i, self.crops_per_image, self.cells, FEATURE_SIZE, self.overhang_probability,
+                         self.mirror)[:4]
 
     def targets(self, index: int, top: int, left: int, flip: bool = False) -> tuple[Tensor, ...]:
         """The six targets of the crop at cell (top, left) of the (mirrored when ``flip``)
