@@ -43,7 +43,6 @@ def main() -> int:
     run = C.Run("accuracy", args)
     from deepcount.datasets import load_dataset
     from deepcount.evaluation import evaluate, load_evaluation
-    from deepcount.model import DeepCount
     from deepcount.weights import load_network
 
     limit = args.limit or (2 if args.smoke else None)
@@ -58,7 +57,7 @@ def main() -> int:
             data = load_dataset(dataset, None, "test")
             for asked in args.tiling:
                 tiling = own if asked == "own" else asked
-                if tiling == "features" and not isinstance(net, DeepCount):
+                if tiling == "features" and not getattr(net, "feature_levels", ()):
                     print(f"# {name}: tiling features needs a DeepCount, skipped")
                     continue
                 folder = results / name / f"{dataset}_test_{tiling}{f'_first{limit}' if limit else ''}"

@@ -60,12 +60,12 @@ def main() -> int:
             counters[name] = Counter.load(name, device="cpu")
     rows, results = [], {}
     for name, counter in counters.items():
-        tilings = ["pad", "grid"] + (["features"] if isinstance(counter.model, DeepCount) else [])
+        tilings = ["pad", "grid"] + (["features"] if getattr(counter.model, "feature_levels", ()) else [])
         for tiling in tilings:
             c = Counter(counter.model, {**counter.info, "tiling": tiling}, counter.device, tiling)
             for picture, image in PICTURES.items():
                 result = c.count(image)
-                raw = raw_count(c.model, image, tiling, c.level) if isinstance(c.model, DeepCount) else None
+                raw = raw_count(c.model, image, tiling, c.level) if not getattr(c.model, "counts_by_map", True) else None
                 results.setdefault(name, {}).setdefault(tiling, {})[picture] = {
                     "count": result.count, "tiles": result.tiles, "unclamped": raw}
                 rows.append([name, tiling, picture, result.tiles, result.count, raw])
