@@ -34,6 +34,7 @@ def test_extras_are_pyprojects_and_the_install_command_keeps_this_torch():
     (["serve", "--port", "0"], "uvicorn", "serve"),
     (["video", "never.mp4"], "cv2", "video"),
     (["train", "--trainer.max_steps", "1"], "lightning", "train"),
+    (["count", "photo.jpg", "--ray", "2", "--out", "counts"], "ray", "ray"),
 ])
 @pytest.mark.offline
 def test_a_missing_extra_is_one_line_naming_the_install_command(argv, hidden, extra, monkeypatch, capsys, tmp_path):

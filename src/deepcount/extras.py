@@ -22,6 +22,7 @@ EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
     "export": ("deepcount export and --backend onnxruntime (ONNX, onnxruntime)", ("onnx", "onnxruntime")),
     "serve": ("deepcount serve (FastAPI, uvicorn)", ("fastapi", "uvicorn", "multipart")),
     "train": ("deepcount train (Lightning, jsonargparse, TensorBoard)", ("lightning", "jsonargparse", "yaml")),
+    "ray": ("deepcount count --ray (Ray Data)", ("ray", "pyarrow")),
 }
 
 

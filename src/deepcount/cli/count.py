@@ -288,6 +288,8 @@ def _count_images(args: argparse.Namespace) -> int:
     if problem:
         return fail(problem)
 
+    if args.ray is not None or args.out is not None:
+        return _count_on_ray(args, fail)
     for what, path in (("csv", args.csv), ("json", args.json)):  # checked, not touched, before the model
         if path is not None:
             folder = Path(path).parent
@@ -437,6 +439,47 @@ def _count_images(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _count_on_ray(args: argparse.Namespace, fail) -> int:
+    """``count --ray N --out DIR``: the files counted by N Ray workers into part files in DIR
+    (:func:`deepcount.archive.count_archive`), resumable; a summary on stdout."""
+    if args.ray is None or args.out is None:
+        return fail("--ray N and --out DIR go together: N Ray workers write their rows into DIR")
+    if args.ray < 1:
+        return fail(f"--ray must be at least 1 worker, got {args.ray}")
+    if args.threads_per_worker < 1:
+        return fail(f"--threads-per-worker must be at least 1, got {args.threads_per_worker}")
+    unsupported = [flag for flag, value in (("--csv", args.csv), ("--json", args.json), ("--density", args.density),
+                                            ("--region", args.region)) if value is not None]
+    if unsupported:
+        return fail(f"{', '.join(unsupported)} cannot be used with --ray: its rows go into the --out folder")
+    from ..archive import ArchiveError, count_archive
+    from ..extras import MissingExtraError, require
+
+    try:
+        require("ray")
+    except MissingExtraError as e:
+        return fail(str(e))
+    items = expand_paths(args.paths)
+    files = [str(it.path) for it in items if it.path is not None]
+    errors = [(printable(it.label), it.error) for it in items if it.path is None]
+    try:
+        summary = count_archive(files, args.out, args.model, workers=args.ray,
+                                threads_per_worker=args.threads_per_worker, tiling=args.tiling,
+                                batch_size=args.batch_size, max_pixels=args.max_pixels or None,
+                                device=args.device if args.device != "auto" else "cpu", backend=args.backend,
+                                fmt=args.out_format, address=args.ray_address, errors=errors,
+                                progress=not args.quiet and sys.stderr.isatty())
+    except ArchiveError as e:
+        return fail(str(e))
+    except KeyboardInterrupt:
+        print(f"error: interrupted; the rows written so far are in {args.out}: run the same command "
+              "again to resume", file=sys.stderr)
+        return 130
+    print(f"{summary.counted} counted, {summary.failed} failed, {summary.skipped} already in {summary.out} "
+          f"(skipped), {len(summary.parts)} part file(s) written, {summary.seconds:.1f} s")
+    return 1 if summary.failed else 0
+
+
 def add_command(sub) -> None:
     """Register ``count``."""
     p = sub.add_parser(
@@ -471,5 +514,18 @@ def add_command(sub) -> None:
                    help="with --density: the photo and the map alone next to each other instead")
     p.add_argument("--cmap", default=None,
                    help="matplotlib colormap for --density (default: inferno, perceptually ordered)")
+    ray = p.add_argument_group("counting an archive on a Ray cluster (the `ray` extra; README: "
+                               "Counting an archive on a cluster)")
+    ray.add_argument("--ray", type=int, metavar="N", default=None,
+                     help="count with N Ray workers, each with its own model, into part files in --out "
+                          "(resumable: run it again and the files already there are skipped)")
+    ray.add_argument("--out", metavar="DIR", help="with --ray: the folder of part files, one row per file")
+    ray.add_argument("--out-format", choices=["parquet", "csv"], default="parquet",
+                     help="with --ray: the part files' format (default: %(default)s)")
+    ray.add_argument("--threads-per-worker", type=int, default=1,
+                     help="with --ray: CPUs each worker reserves and uses (default: %(default)s)")
+    ray.add_argument("--ray-address", metavar="ADDR", default=None,
+                     help="with --ray: a running cluster (default: $RAY_ADDRESS, else a local Ray "
+                          "instance on this machine)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_count)

@@ -1,0 +1,282 @@
+"""Counting an archive of images (millions of camera frames) as a batch job on a Ray cluster.
+
+Ray Data does the distribution: the file names form a dataset, a pool of Ray actors each loads
+one :class:`~deepcount.predict.Counter` and counts the files of the batches it is given (each
+image read on the worker, from storage every node can see), and the rows stream back to the
+driver, which writes them into a folder as numbered part files (Parquet or CSV), each written
+whole or not at all.  A file that cannot be read or counted becomes a row with ``status``
+``error`` and the reason; the job goes on.  Running the same command again resumes: every file
+already in a part (counted or failed) is skipped, so a killed job loses only the rows not yet
+written.  The folder reads as one table: ``pandas.read_parquet(folder)``.
+
+On one machine this starts a local Ray instance; ``address`` (or ``RAY_ADDRESS``) joins a
+running cluster instead (``ray start --head`` on one node, ``ray start --address HEAD:6379`` on
+the others; README: Counting an archive on a cluster).  Needs the ``ray`` extra.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .cache import atomic_path
+from .extras import require
+from .images import DEFAULT_MAX_PIXELS
+
+__all__ = ["FORMATS", "ROW_FIELDS", "ArchiveError", "ArchiveSummary", "CountWorker", "count_archive",
+           "count_file", "done_sources", "read_parts"]
+
+ROW_FIELDS = ("source", "count", "height", "width", "tiles", "seconds", "status", "error")
+FORMATS = ("parquet", "csv")
+PART_PREFIX = "part-"
+
+
+class ArchiveError(ValueError):
+    """A request ``count_archive`` cannot carry out (bad option, a folder holding other files)."""
+
+
+@dataclass
+class ArchiveSummary:
+    """What one :func:`count_archive` call did: ``skipped`` files were in the folder's parts
+    already (a resumed job); ``counted`` and ``failed`` are this call's rows."""
+
+    out: Path
+    total: int
+    skipped: int
+    counted: int
+    failed: int
+    parts: list[Path]
+    seconds: float
+
+
+def count_file(counter: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """The row of one file: ``status`` ``ok`` with the count, size, tiles and seconds, or
+    ``error`` with the reason (unreadable image, out of memory); any other exception is a bug
+    and propagates."""
+    from .engines import out_of_memory
+    from .images import ImageLoadError
+
+    row: dict[str, Any] = {"source": str(path), "count": None, "height": None, "width": None,
+                           "tiles": None, "seconds": None, "status": "error", "error": ""}
+    try:
+        res = counter.count(counter.read(path))
+    except ImageLoadError as e:
+        row["error"] = e.reason
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        row["error"] = f"out of memory while counting ({type(e).__name__})"
+    else:
+        row.update(count=float(res.count), height=int(res.image_size[0]), width=int(res.image_size[1]),
+                   tiles=int(res.tiles), seconds=round(float(res.seconds), 3), status="ok")
+    return row
+
+
+class CountWorker:
+    """One Ray actor's counter: loads the model once, then counts the files of each batch
+    (``{"source": array of paths}``) into a batch of rows.  ``threads``: torch's intra-op
+    threads on this worker (its share of the node's cores)."""
+
+    def __init__(self, model: str = "default", tiling: str | None = None, batch_size: int | None = None,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, device: str = "cpu", threads: int | None = None,
+                 backend: str = "auto"):
+        import torch
+
+        from .predict import Counter
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.counter = Counter.load(model, device=device, tiling=tiling, batch_size=batch_size,
+                                    max_pixels=max_pixels, backend=backend)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [count_file(self.counter, p) for p in batch["source"]]
+        return _columns(rows)
+
+
+TEXT_FIELDS = ("source", "status", "error")
+INT_FIELDS = ("height", "width", "tiles")
+
+
+def _columns(rows: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """A batch of rows as columns: text as str arrays, numbers as float64 with NaN for None."""
+    return {k: np.array([str(r[k]) for r in rows], dtype=object) if k in TEXT_FIELDS else
+            np.array([np.nan if r[k] is None else float(r[k]) for r in rows], dtype=np.float64)
+            for k in ROW_FIELDS}
+
+
+def _rows(columns: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The rows of a batch of columns (NaN back to None, sizes back to int)."""
+    for i in range(len(columns["source"])):
+        row: dict[str, Any] = {}
+        for k in ROW_FIELDS:
+            v = columns[k][i]
+            if k in TEXT_FIELDS:
+                row[k] = str(v)
+            else:
+                v = float(v)
+                row[k] = None if np.isnan(v) else int(v) if k in INT_FIELDS else v
+        yield row
+
+
+def read_parts(out: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every row in the folder's part files (Parquet and CSV), in part order."""
+    rows: list[dict[str, Any]] = []
+    for part in _parts(Path(out)):
+        if part.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(part)
+            rows += [{k: r.get(k) for k in ROW_FIELDS} for r in table.to_pylist()]
+        else:
+            with open(part, newline="", encoding="utf-8") as f:
+                for r in csv.DictReader(f):
+                    row: dict[str, Any] = {k: (r.get(k) or None) for k in ROW_FIELDS}
+                    for k in ("count", "seconds"):
+                        row[k] = float(row[k]) if row[k] is not None else None
+                    for k in ("height", "width", "tiles"):
+                        row[k] = int(row[k]) if row[k] is not None else None
+                    row["error"] = row["error"] or ""
+                    rows.append(row)
+    return rows
+
+
+def done_sources(out: str | os.PathLike) -> set[str]:
+    """The files the folder's parts already hold a row for (counted or failed)."""
+    return {r["source"] for r in read_parts(out)}
+
+
+def _parts(out: Path) -> list[Path]:
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if p.name.startswith(PART_PREFIX) and p.suffix in (".parquet", ".csv"))
+
+
+def _write_part(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        if path.suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            schema = pa.schema([("source", pa.string()), ("count", pa.float64()), ("height", pa.int64()),
+                                ("width", pa.int64()), ("tiles", pa.int64()), ("seconds", pa.float64()),
+                                ("status", pa.string()), ("error", pa.string())])
+            pq.write_table(pa.Table.from_pylist(list(rows), schema=schema), tmp)
+        else:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
+                writer.writeheader()
+                writer.writerows({k: "" if r[k] is None else r[k] for k in ROW_FIELDS} for r in rows)
+
+
+def _check_folder(out: Path, fmt: str) -> None:
+    if out.exists() and not out.is_dir():
+        raise ArchiveError(f"{out} is a file, not a folder for the results")
+    if out.is_dir():
+        other = [p.name for p in out.iterdir() if not p.name.startswith(PART_PREFIX)
+                 and not p.name.startswith(".")]
+        if other:
+            raise ArchiveError(f"{out} holds other files ({', '.join(sorted(other)[:3])}"
+                               f"{', ...' if len(other) > 3 else ''}): give an empty or new folder, "
+                               "or the folder of an earlier run to resume it")
+        kinds = {p.suffix for p in _parts(out)}
+        if kinds and kinds != {f".{fmt}"}:
+            raise ArchiveError(f"{out} holds {'/'.join(sorted(k[1:] for k in kinds))} parts of an earlier "
+                               f"run: resume it with the same format, not {fmt}")
+
+
+def count_archive(paths: Iterable[str | os.PathLike], out: str | os.PathLike, model: str = "default", *,
+                  workers: int = 2, threads_per_worker: int = 1, tiling: str | None = None,
+                  batch_size: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                  device: str = "cpu", backend: str = "auto", fmt: str = "parquet",
+                  rows_per_part: int = 1000, address: str | None = None,
+                  errors: Sequence[tuple[str, str]] = (), files_per_batch: int = 4,
+                  progress: bool = True) -> ArchiveSummary:
+    """Count ``paths`` (image files) on a Ray cluster, one row per file, into part files in
+    ``out`` (resumable: files already in a part are skipped).
+
+    Args:
+        workers: Ray actors, each with its own Counter (model loaded once per actor).
+        threads_per_worker: CPUs each actor reserves and torch's threads in it.
+        device: ``cpu``, or ``cuda`` (each actor then reserves one GPU).
+        fmt: ``parquet`` or ``csv`` part files.
+        rows_per_part: rows the driver gathers before it writes a part (what a kill loses).
+        address: a running cluster's address (None: ``RAY_ADDRESS``, else a local instance).
+        errors: (source, reason) rows to write as failed without counting (names that matched
+            no file, from the command line).
+        files_per_batch: files per Ray batch (per call of a worker).
+    """
+    if fmt not in FORMATS:
+        raise ArchiveError(f"format must be one of {FORMATS}, got {fmt!r}")
+    for name, value in (("workers", workers), ("threads_per_worker", threads_per_worker),
+                        ("rows_per_part", rows_per_part), ("files_per_batch", files_per_batch)):
+        if isinstance(value, bool) or int(value) < 1:
+            raise ArchiveError(f"{name} must be at least 1, got {value!r}")
+    ray, _ = require("ray")  # MissingExtraError: says how to install it
+    import ray.data
+    out = Path(out)
+    _check_folder(out, fmt)
+    start = time.perf_counter()
+    done = done_sources(out)
+    sources = list(dict.fromkeys(str(p) for p in paths))
+    todo = [s for s in sources if s not in done]
+    error_rows = [{**dict.fromkeys(ROW_FIELDS), "source": str(s), "status": "error", "error": reason}
+                  for s, reason in errors if str(s) not in done]
+    out.mkdir(parents=True, exist_ok=True)
+    run = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    parts: list[Path] = []
+    counted = failed = 0
+
+    def flush(rows: list[dict[str, Any]]) -> None:
+        if rows:
+            path = out / f"{PART_PREFIX}{run}-{len(parts):05d}.{fmt}"
+            _write_part(rows, path)
+            parts.append(path)
+            rows.clear()
+
+    pending: list[dict[str, Any]] = list(error_rows)
+    failed += len(error_rows)
+    try:
+        if todo:
+            from tqdm import tqdm
+
+            started_here = not ray.is_initialized()
+            if started_here:
+                cpus = None if address or os.environ.get("RAY_ADDRESS") else workers * threads_per_worker
+                ray.init(address=address, num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+                         configure_logging=False)
+            try:
+                ctx = ray.data.DataContext.get_current()
+                ctx.enable_progress_bars = False
+                ds = ray.data.from_items([{"source": s} for s in todo],
+                                         override_num_blocks=max(1, min(len(todo), workers * 8)))
+                ds = ds.map_batches(
+                    CountWorker, batch_size=files_per_batch, batch_format="numpy",
+                    fn_constructor_kwargs={"model": str(model), "tiling": tiling, "batch_size": batch_size,
+                                           "max_pixels": max_pixels, "device": device,
+                                           "threads": threads_per_worker, "backend": backend},
+                    compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=threads_per_worker,
+                    num_gpus=1 if str(device).startswith("cuda") else 0)
+                with tqdm(total=len(todo), unit="image", disable=not progress, dynamic_ncols=True) as bar:
+                    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                        for row in _rows(batch):
+                            pending.append(row)
+                            counted += row["status"] == "ok"
+                            failed += row["status"] != "ok"
+                            bar.update(1)
+                            if len(pending) >= rows_per_part:
+                                flush(pending)
+            finally:
+                if started_here:
+                    ray.shutdown()
+    finally:
+        flush(pending)  # the rows gathered so far are kept whole, also when interrupted
+    return ArchiveSummary(out, len(sources) + len(error_rows), len(sources) - len(todo), counted, failed,
+                          parts, time.perf_counter() - start)
