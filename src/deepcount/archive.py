@@ -16,15 +16,12 @@ the others; README: Counting an archive on a cluster).  Needs the ``ray`` extra.
 
 from __future__ import annotations
 
-import csv
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from .cache import atomic_path
 from .extras import require
@@ -48,7 +45,6 @@ class ArchiveSummary:
     already (a resumed job); ``counted`` and ``failed`` are this call's rows."""
 
     out: Path
-    total: int
     skipped: int
     counted: int
     failed: int
@@ -56,27 +52,34 @@ class ArchiveSummary:
     seconds: float
 
 
-def count_file(counter: Any, path: str | os.PathLike) -> dict[str, Any]:
-    """The row of one file: ``status`` ``ok`` with the count, size, tiles and seconds, or
-    ``error`` with the reason (unreadable image, out of memory); any other exception is a bug
-    and propagates."""
+def count_file(counter: Any, path: str | os.PathLike, density: int | None = None, regions: Any = None
+               ) -> tuple[dict[str, Any], Any, Any]:
+    """The row of one file (:data:`ROW_FIELDS`), the decoded image and the ``CountResult``:
+    ``status`` ``ok`` with the count, size, tiles and seconds, or ``error`` with the reason
+    (unreadable image, a region mask of another size, out of memory; image and result then
+    None as far as they were not made).  Any other exception is a bug and propagates.  What
+    ``deepcount count`` writes per file, on one machine or on a Ray worker."""
     from .engines import out_of_memory
     from .images import ImageLoadError
+    from .regions import RegionError
 
-    row: dict[str, Any] = {"source": str(path), "count": None, "height": None, "width": None,
-                           "tiles": None, "seconds": None, "status": "error", "error": ""}
+    row: dict[str, Any] = {**dict.fromkeys(ROW_FIELDS), "source": str(path), "status": "error", "error": ""}
+    image = res = None
     try:
-        res = counter.count(counter.read(path))
+        image = counter.read(path)  # decoded once, for the count and any picture
+        res = counter.count(image, density=density, regions=regions)
     except ImageLoadError as e:
         row["error"] = e.reason
+    except RegionError as e:
+        row["error"] = str(e)
     except (MemoryError, RuntimeError) as e:
         if not out_of_memory(e):
             raise
-        row["error"] = f"out of memory while counting ({type(e).__name__})"
+        row["error"] = f"out of memory while counting ({type(e).__name__}); try batch size 1 or a smaller image"
     else:
         row.update(count=float(res.count), height=int(res.image_size[0]), width=int(res.image_size[1]),
                    tiles=int(res.tiles), seconds=round(float(res.seconds), 3), status="ok")
-    return row
+    return row, image, res
 
 
 class CountWorker:
@@ -96,61 +99,40 @@ class CountWorker:
         self.counter = Counter.load(model, device=device, tiling=tiling, batch_size=batch_size,
                                     max_pixels=max_pixels, backend=backend)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [count_file(self.counter, p) for p in batch["source"]]
-        return _columns(rows)
+    def __call__(self, batch: Any) -> Any:
+        """A pyarrow batch of ``source`` -> a pyarrow table of rows (:func:`_table`)."""
+        return _table([count_file(self.counter, p)[0] for p in batch.column("source").to_pylist()])
 
 
-TEXT_FIELDS = ("source", "status", "error")
-INT_FIELDS = ("height", "width", "tiles")
+def _table(rows: Sequence[dict[str, Any]]) -> Any:
+    """Rows as a pyarrow table of the part files' schema (None stays null)."""
+    import pyarrow as pa
+
+    types = {"source": pa.string(), "count": pa.float64(), "height": pa.int64(), "width": pa.int64(),
+             "tiles": pa.int64(), "seconds": pa.float64(), "status": pa.string(), "error": pa.string()}
+    return pa.Table.from_pylist(list(rows), schema=pa.schema([(k, types[k]) for k in ROW_FIELDS]))
 
 
-def _columns(rows: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """A batch of rows as columns: text as str arrays, numbers as float64 with NaN for None."""
-    return {k: np.array([str(r[k]) for r in rows], dtype=object) if k in TEXT_FIELDS else
-            np.array([np.nan if r[k] is None else float(r[k]) for r in rows], dtype=np.float64)
-            for k in ROW_FIELDS}
+def _read_part(part: Path, columns: Sequence[str] = ROW_FIELDS) -> list[dict[str, Any]]:
+    if part.suffix == ".parquet":
+        import pyarrow.parquet as pq
 
+        return pq.read_table(part, columns=list(columns)).to_pylist()
+    import pyarrow.csv as pacsv
 
-def _rows(columns: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """The rows of a batch of columns (NaN back to None, sizes back to int)."""
-    for i in range(len(columns["source"])):
-        row: dict[str, Any] = {}
-        for k in ROW_FIELDS:
-            v = columns[k][i]
-            if k in TEXT_FIELDS:
-                row[k] = str(v)
-            else:
-                v = float(v)
-                row[k] = None if np.isnan(v) else int(v) if k in INT_FIELDS else v
-        yield row
+    options = pacsv.ConvertOptions(column_types=_table([]).schema, include_columns=list(columns),
+                                   strings_can_be_null=False)
+    return pacsv.read_csv(part, convert_options=options).to_pylist()
 
 
 def read_parts(out: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every row in the folder's part files (Parquet and CSV), in part order."""
-    rows: list[dict[str, Any]] = []
-    for part in _parts(Path(out)):
-        if part.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(part)
-            rows += [{k: r.get(k) for k in ROW_FIELDS} for r in table.to_pylist()]
-        else:
-            with open(part, newline="", encoding="utf-8") as f:
-                for r in csv.DictReader(f):
-                    row: dict[str, Any] = {k: (r.get(k) or None) for k in ROW_FIELDS}
-                    for k in ("count", "seconds"):
-                        row[k] = float(row[k]) if row[k] is not None else None
-                    for k in ("height", "width", "tiles"):
-                        row[k] = int(row[k]) if row[k] is not None else None
-                    row["error"] = row["error"] or ""
-                    rows.append(row)
-    return rows
+    """Every row in the folder's part files (Parquet or CSV), in part order."""
+    return [row for part in _parts(Path(out)) for row in _read_part(part)]
 
 
 def done_sources(out: str | os.PathLike) -> set[str]:
     """The files the folder's parts already hold a row for (counted or failed)."""
-    return {r["source"] for r in read_parts(out)}
+    return {row["source"] for part in _parts(Path(out)) for row in _read_part(part, ["source"])}
 
 
 def _parts(out: Path) -> list[Path]:
@@ -160,20 +142,16 @@ def _parts(out: Path) -> list[Path]:
 
 
 def _write_part(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    table = _table(rows)
     with atomic_path(path) as tmp:
         if path.suffix == ".parquet":
-            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            schema = pa.schema([("source", pa.string()), ("count", pa.float64()), ("height", pa.int64()),
-                                ("width", pa.int64()), ("tiles", pa.int64()), ("seconds", pa.float64()),
-                                ("status", pa.string()), ("error", pa.string())])
-            pq.write_table(pa.Table.from_pylist(list(rows), schema=schema), tmp)
+            pq.write_table(table, tmp)
         else:
-            with open(tmp, "w", newline="", encoding="utf-8") as f:
-                writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
-                writer.writeheader()
-                writer.writerows({k: "" if r[k] is None else r[k] for k in ROW_FIELDS} for r in rows)
+            import pyarrow.csv as pacsv
+
+            pacsv.write_csv(table, tmp)
 
 
 def _check_folder(out: Path, fmt: str) -> None:
@@ -219,7 +197,7 @@ def count_archive(paths: Iterable[str | os.PathLike], out: str | os.PathLike, mo
                         ("rows_per_part", rows_per_part), ("files_per_batch", files_per_batch)):
         if isinstance(value, bool) or int(value) < 1:
             raise ArchiveError(f"{name} must be at least 1, got {value!r}")
-    ray, _ = require("ray")  # MissingExtraError: says how to install it
+    require("ray")  # MissingExtraError: says how to install it
     import ray.data
     out = Path(out)
     _check_folder(out, fmt)
@@ -258,15 +236,15 @@ def count_archive(paths: Iterable[str | os.PathLike], out: str | os.PathLike, mo
                 ds = ray.data.from_items([{"source": s} for s in todo],
                                          override_num_blocks=max(1, min(len(todo), workers * 8)))
                 ds = ds.map_batches(
-                    CountWorker, batch_size=files_per_batch, batch_format="numpy",
+                    CountWorker, batch_size=files_per_batch, batch_format="pyarrow",
                     fn_constructor_kwargs={"model": str(model), "tiling": tiling, "batch_size": batch_size,
                                            "max_pixels": max_pixels, "device": device,
                                            "threads": threads_per_worker, "backend": backend},
                     compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=threads_per_worker,
                     num_gpus=1 if str(device).startswith("cuda") else 0)
                 with tqdm(total=len(todo), unit="image", disable=not progress, dynamic_ncols=True) as bar:
-                    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                        for row in _rows(batch):
+                    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                        for row in batch.to_pylist():
                             pending.append(row)
                             counted += row["status"] == "ok"
                             failed += row["status"] != "ok"
@@ -278,5 +256,4 @@ def count_archive(paths: Iterable[str | os.PathLike], out: str | os.PathLike, mo
                     ray.shutdown()
     finally:
         flush(pending)  # the rows gathered so far are kept whole, also when interrupted
-    return ArchiveSummary(out, len(sources) + len(error_rows), len(sources) - len(todo), counted, failed,
-                          parts, time.perf_counter() - start)
+    return ArchiveSummary(out, len(sources) - len(todo), counted, failed, parts, time.perf_counter() - start)

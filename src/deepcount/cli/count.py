@@ -167,14 +167,12 @@ def density_names(paths: Sequence[Path]) -> list[str]:
 
 def _cli_reason(reason: str) -> str:
     """The loader's advice in command-line terms."""
+    reason = reason.replace("try batch size 1", "try --batch-size 1")
     return re.sub(r"pass max_pixels=(\d+) \(or None\)", r"use --max-pixels \1 (or 0 for no limit)", reason)
 
 
 def _fmt_count(value: float) -> str:
     return f"{round(value, 1) + 0.0:.1f}"  # never "-0.0"
-
-
-ROW_FIELDS = ("source", "count", "height", "width", "tiles", "seconds", "status", "error")
 
 
 class _AtomicOutput:
@@ -253,11 +251,10 @@ def _count(args: argparse.Namespace) -> int:
 def _count_images(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..engines import out_of_memory
+    from ..archive import ROW_FIELDS, count_file
     from ..images import ImageLoadError
     from ..engines import resolve_device
     from ..predict import Counter
-    from ..regions import RegionError
     from .common import region_option
 
     def fail(message: str) -> int:
@@ -363,26 +360,14 @@ def _count_images(args: argparse.Namespace) -> int:
                    disable=args.quiet or not sys.stderr.isatty())
         try:
             for it in items:
-                row = {"source": it.label, "count": None, "height": None, "width": None,
-                       "tiles": None, "seconds": None, "status": "error", "error": it.error or ""}
+                row = {**dict.fromkeys(ROW_FIELDS), "source": it.label, "status": "error", "error": it.error or ""}
                 if it.path is not None:
                     bar.set_postfix_str(it.path.name, refresh=False)
-                    try:
-                        image = counter.read(it.path)  # decoded once, for the count and the picture
-                        res = counter.count(image, density=counter.picture_branch if density_dir is not None
-                                            else None, regions=regions)
-                    except ImageLoadError as e:
-                        row["error"] = _cli_reason(e.reason)
-                    except RegionError as e:  # a mask of another size than this image
-                        row["error"] = str(e)
-                    except (MemoryError, RuntimeError) as e:
-                        if not out_of_memory(e):
-                            raise
-                        row["error"] = f"out of memory while counting ({type(e).__name__}); " \
-                                       "try --batch-size 1 or a smaller image"
-                    else:
-                        row.update(count=res.count, height=res.image_size[0], width=res.image_size[1],
-                                   tiles=res.tiles, seconds=round(res.seconds, 3), status="ok")
+                    row, image, res = count_file(counter, it.path, counter.picture_branch if density_dir is not None
+                                                 else None, regions)
+                    row["source"] = it.label
+                    row["error"] = _cli_reason(row["error"])
+                    if row["status"] == "ok":
                         if res.regions is not None:
                             row["regions"] = res.regions
                             row.update({f"region:{k}": v["scaled"] for k, v in res.regions.items()})
@@ -446,19 +431,13 @@ def _count_on_ray(args: argparse.Namespace, fail) -> int:
         return fail("--ray N and --out DIR go together: N Ray workers write their rows into DIR")
     if args.ray < 1:
         return fail(f"--ray must be at least 1 worker, got {args.ray}")
-    if args.threads_per_worker < 1:
-        return fail(f"--threads-per-worker must be at least 1, got {args.threads_per_worker}")
     unsupported = [flag for flag, value in (("--csv", args.csv), ("--json", args.json), ("--density", args.density),
                                             ("--region", args.region)) if value is not None]
     if unsupported:
         return fail(f"{', '.join(unsupported)} cannot be used with --ray: its rows go into the --out folder")
     from ..archive import ArchiveError, count_archive
-    from ..extras import MissingExtraError, require
+    from ..extras import MissingExtraError
 
-    try:
-        require("ray")
-    except MissingExtraError as e:
-        return fail(str(e))
     items = expand_paths(args.paths)
     files = [str(it.path) for it in items if it.path is not None]
     errors = [(printable(it.label), it.error) for it in items if it.path is None]
@@ -469,7 +448,7 @@ def _count_on_ray(args: argparse.Namespace, fail) -> int:
                                 device=args.device if args.device != "auto" else "cpu", backend=args.backend,
                                 fmt=args.out_format, address=args.ray_address, errors=errors,
                                 progress=not args.quiet and sys.stderr.isatty())
-    except ArchiveError as e:
+    except (ArchiveError, MissingExtraError) as e:
         return fail(str(e))
     except KeyboardInterrupt:
         print(f"error: interrupted; the rows written so far are in {args.out}: run the same command "
