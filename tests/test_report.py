@@ -23,7 +23,8 @@ OFFICIAL_GT = {"name": "official", "sigma": 10.0, "kernel_size": 49, "keep_mass"
 def evaluation_json(dataset: str, mae: float, *, name: str = "shb-paper", activation: str = "prelu",
                     branches=BRANCHES, model: str = "deepcount", recipe: str | None = "paper",
                     tiling: str = "pad", protocol: str = "points", ground_truth=None, images: int = 316,
-                    evaluated: int | None = None, trained_on: str | None = None) -> dict:
+                    evaluated: int | None = None, trained_on: str | None = None, seed: int | None = None,
+                    steps: int | None = None) -> dict:
     """A minimal evaluation JSON as `deepcount evaluate` writes it; RMSE = 2 x MAE and
     branch k's MAE = MAE + k."""
     arch = ({"model": "deepcount", "width": 1.0, "activation": activation, "branches": list(branches)}
@@ -32,10 +33,12 @@ def evaluation_json(dataset: str, mae: float, *, name: str = "shb-paper", activa
     if model == "deepcount":
         metrics.update({f"branch{k}": {"mae": mae + k, "rmse": 2 * (mae + k), "n": evaluated or images}
                         for k in branches})
+    config = {"seed": seed, "trainer": {"max_steps": steps}} if seed is not None or steps is not None else None
     return {"format": "deepcount-evaluation", "format_version": 1, "deepcount_version": "0.1.0",
             "timestamp": "2025-01-01T00:00:00+00:00",
             "model": {"name": name, "sha256": hashlib.sha256(name.encode()).hexdigest(), "architecture": arch,
-                      "dataset": trained_on or dataset, "recipe": recipe, "tiling": tiling},
+                      "dataset": trained_on or dataset, "recipe": recipe, "tiling": tiling,
+                      **({"config": config} if config else {})},
             "dataset": {"name": dataset, "split": "test", "root": None, "images": images,
                         "evaluated": evaluated or images},
             "tiling": tiling, "protocol": protocol, "ground_truth": ground_truth, "metrics": metrics}
@@ -153,6 +156,35 @@ def test_report_places_every_run(run_dir):
     run_list = text.split("## Runs", 1)[1]
     assert f"{index['03_shb_official.json']}. `{run_dir / '03_shb_official.json'}`: shb-official" in run_list
     assert "leaky_relu, branches 1,2,3,4,5" in run_list
+
+
+@pytest.mark.offline
+def test_runs_that_differ_only_by_seed_share_a_cell_with_their_spread(tmp_path):
+    runs = {"a.json": evaluation_json("shb", 7.0, name="base-s0", recipe="cpu", seed=0, steps=700),
+            "b.json": evaluation_json("shb", 8.0, name="base-s1", recipe="cpu", seed=1, steps=700),
+            "c.json": evaluation_json("shb", 9.0, name="none-s0", recipe="cpu", seed=0, steps=700, branches=[]),
+            "d.json": evaluation_json("shb", 10.5, name="none-s1", recipe="cpu", seed=1, steps=700, branches=[]),
+            # the same seed again (other weights): not a seed of the same cell, a column of its own
+            "e.json": evaluation_json("shb", 6.0, name="base-again", recipe="cpu", seed=0, steps=700),
+            # another length of training: another column
+            "f.json": evaluation_json("shb", 5.0, name="long", recipe="cpu", seed=0, steps=1400)}
+    for name, data in runs.items():
+        (tmp_path / name).write_text(json.dumps(data))
+    loaded, _ = load_runs([tmp_path])
+    text = report(loaded)
+    t9 = table(text, "Table 9")
+    header = t9["Ablation"]
+    assert header[1:] == ["this repo: recipe cpu (700 steps), tiling pad, truth points",
+                          "this repo: recipe cpu (700 steps), tiling pad, truth points (#2)",
+                          "this repo: recipe cpu (1400 steps), tiling pad, truth points"]
+    assert t9["No ablation"][1:] == ["7.50 (mean of seeds 0, 1: 7.00-8.00) [1, 2]", "6.00 [5]", "5.00 [6]"]
+    assert t9["Branches 1-5 detached"][1:] == ["9.75 (mean of seeds 0, 1: 9.00-10.50) [3, 4]", "—", "—"]
+    # Table 7: the seeds' mean MAE / RMSE per output, the spread of the MAE
+    t7 = table(text, "Table 7")
+    row = t7["Shanghai Tech Part B, this repo: recipe cpu (700 steps), tiling pad, truth points"]
+    assert row[-1] == "7.50 / 15.00 (mean of seeds 0, 1: 7.00-8.00) [1, 2]"
+    assert row[0] == "8.50 / 17.00 (mean of seeds 0, 1: 8.00-9.00) [1, 2]"  # branch 1: MAE + 1
+    assert "base-s1 (sha256" in text and ", seed 1;" in text
 
 
 @pytest.mark.offline

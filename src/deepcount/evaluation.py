@@ -61,7 +61,7 @@ import numpy as np
 from . import __version__
 from .config import OFFICIAL, PAPER, GroundTruthConfig
 from .datasets import AnnotatedImage, registry_name
-from .images import load_image
+from .images import image_size, load_image
 
 if TYPE_CHECKING:  # torch stays out of ``deepcount evaluate --help``: evaluate() imports it
     import torch
@@ -248,6 +248,7 @@ class Evaluation:
     seconds: float = 0.0
     device: str = "cpu"
     batch_size: int = 8
+    features: str | None = None  # where the frontend's features came from, if not the images
     timestamp: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     @property
@@ -261,6 +262,8 @@ class Evaluation:
         text = f"tiling {self.tiling}; truth {self.protocol}: {PROTOCOL_TEXT[self.protocol]}"
         if self.ground_truth is not None:
             text += f", {ground_truth_label(self.ground_truth)}"
+        if self.features:
+            text += f"; features {self.features}"
         return text
 
     def to_dict(self) -> dict[str, Any]:
@@ -279,6 +282,7 @@ class Evaluation:
             "protocol_text": PROTOCOL_TEXT[self.protocol], "ground_truth": gt,
             "outputs": self.outputs, "metrics": self.metrics,
             "device": self.device, "batch_size": self.batch_size, "seconds": round(self.seconds, 3),
+            **({"features": self.features} if self.features else {}),
             "images": [r.as_dict() for r in self.rows],
         }
 
@@ -323,8 +327,11 @@ class Evaluation:
         return "\n".join(out)
 
     def write_json(self, path: str | os.PathLike) -> Path:
+        from .cache import atomic_path
+
         path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=True) + "\n", encoding="utf-8")
+        with atomic_path(path) as tmp:  # whole or absent: its presence marks a finished evaluation
+            tmp.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=True) + "\n", encoding="utf-8")
         return path
 
     def write_markdown(self, path: str | os.PathLike) -> Path:
@@ -347,8 +354,8 @@ class Evaluation:
         """``evaluation.json``, ``evaluation.md`` and ``per_image.csv`` in ``folder`` (created)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        return [self.write_json(folder / JSON_NAME), self.write_markdown(folder / MARKDOWN_NAME),
-                self.write_csv(folder / CSV_NAME)]
+        written = [self.write_markdown(folder / MARKDOWN_NAME), self.write_csv(folder / CSV_NAME)]
+        return [self.write_json(folder / JSON_NAME), *written]  # the JSON last
 
 
 _TILING_TEXT = {"pad": "keep scale, pad to whole 384x512 tiles; branch sums leave out padding-only cells",
@@ -412,7 +419,7 @@ def evaluate(model: nn.Module | str | os.PathLike, dataset: Sequence[AnnotatedIm
              device: str | torch.device | None = "auto", limit: int | None = None,
              progress: bool = True, info: dict | None = None, dataset_name: str | None = None,
              root: str | os.PathLike | None = None, max_pixels: int | None = None,
-             level: str | None = None, engine: str = "auto") -> Evaluation:
+             level: str | None = None, engine: str = "auto", features: Any = None) -> Evaluation:
     """Evaluate ``model`` on ``dataset`` (a :class:`~deepcount.datasets.CrowdDataset` or any
     sequence of :class:`~deepcount.datasets.AnnotatedImage`).
 
@@ -438,6 +445,11 @@ def evaluate(model: nn.Module | str | os.PathLike, dataset: Sequence[AnnotatedIm
             the device's fastest float32-exact path.  Every image goes through
             :func:`deepcount.tiling.count_tiles`, the loop ``Counter`` runs, with the backbone
             and every evaluated branch in one pass per batch of tiles.
+        features: a :class:`~deepcount.features.FeatureCache` of the model's frozen frontend
+            at its level (tiling ``features`` only): each image's features are read from it
+            (computed once, kept on disk in float16, as training reads them) and only the
+            layers after the level run.  Models that share a frozen frontend (the analyses'
+            variants, :mod:`deepcount.analyses`) then share the frontend's work.
     """
     import torch
     from tqdm import tqdm
@@ -463,6 +475,9 @@ def evaluate(model: nn.Module | str | os.PathLike, dataset: Sequence[AnnotatedIm
     level = (level or info.get("feature_level") or "conv4_3") if tiling == "features" else None
     if level is not None and level not in getattr(model, "feature_levels", ()):
         raise ValueError(f"tiling 'features' needs a DeepCount, not a {type(model).__name__}")
+    if features is not None and (tiling != "features" or features.level != level):
+        raise ValueError(f"a feature cache serves tiling 'features' at its own level ({features.level}); "
+                         f"asked: tiling {tiling!r}" + (f" at {level}" if level else ""))
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     gt_config, gt_source = None, None
@@ -510,9 +525,13 @@ def evaluate(model: nn.Module | str | os.PathLike, dataset: Sequence[AnnotatedIm
     try:
         with torch.inference_mode():
             for item in bar:
-                image = load_image(item.image, max_pixels=max_pixels)
-                h, w = image.shape[:2]
-                count, maps, per_tile = count_tiles(run, image, tiling, batch_size, wanted, dev)
+                if features is None:
+                    image, feats = load_image(item.image, max_pixels=max_pixels), None
+                    h, w = image.shape[:2]
+                else:
+                    image, (h, w) = None, image_size(item.image)
+                    feats = torch.from_numpy(np.array(features.get(item.image))).permute(2, 0, 1)
+                count, maps, per_tile = count_tiles(run, image, tiling, batch_size, wanted, dev, features=feats)
                 sums = {"count": count, **{f"branch{k}": float(m.values.sum(dtype=np.float64))
                                            for k, m in maps.items()}}
                 truth = (float(item.count) if protocol == "points"
@@ -524,7 +543,9 @@ def evaluate(model: nn.Module | str | os.PathLike, dataset: Sequence[AnnotatedIm
     return Evaluation(model=model_info, dataset=name, split=getattr(dataset, "split", "?"),
                       root=root_text, dataset_images=len(dataset), tiling=tiling, protocol=protocol,
                       ground_truth=gt_config, ground_truth_source=gt_source, outputs=outputs, rows=rows,
-                      seconds=time.perf_counter() - start, device=str(dev), batch_size=int(batch_size))
+                      seconds=time.perf_counter() - start, device=str(dev), batch_size=int(batch_size),
+                      features=None if features is None else
+                      f"read from a cache: {features.level}, computed in {features.precision}, kept in float16")
 
 
 def load_evaluation(path: str | os.PathLike) -> dict:

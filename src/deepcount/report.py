@@ -147,15 +147,39 @@ class Run:
     def metric(self, output: str = "count") -> dict | None:
         return (self.data.get("metrics") or {}).get(output)
 
+    @property
+    def config(self) -> dict:
+        """The training config the weights' sidecar carries (empty when it carries none)."""
+        config = (self.data.get("model") or {}).get("config")
+        return config if isinstance(config, dict) else {}
+
+    @property
+    def seed(self) -> int | None:
+        seed = self.config.get("seed")
+        return int(seed) if isinstance(seed, int) else None
+
+    @property
+    def length(self) -> str | None:
+        """How long it trained, as its config says: ``N steps`` or ``N epochs``."""
+        trainer = self.config.get("trainer") or {}
+        steps, epochs = trainer.get("max_steps"), trainer.get("max_epochs")
+        if isinstance(steps, int) and steps > 0:
+            return f"{steps} steps"
+        if isinstance(epochs, int) and epochs > 0:
+            return f"{epochs} epochs"
+        return None
+
     def settings(self, activation: bool = False) -> str:
         """The recipe, tiling, ground truth and anything else that sets this run's numbers apart."""
         model = self.data.get("model") or {}
-        parts = [f"recipe {_recipe(model.get('recipe'))}", f"tiling {self.data.get('tiling', '?')}",
-                 f"truth {_truth(self.data)}"]
+        recipe = f"recipe {_recipe(model.get('recipe'))}" + (f" ({self.length})" if self.length else "")
+        parts = [recipe, f"tiling {self.data.get('tiling', '?')}", f"truth {_truth(self.data)}"]
         if activation and self.kind == "deepcount" and self.activation != "prelu":
             parts.append(f"activation {self.activation}")
         if self.width != 1.0:
             parts.append(f"width {self.width:g}")
+        if self.data.get("features"):
+            parts.append("frontend features cached")
         trained = model.get("dataset")
 
         if isinstance(trained, str) and trained and registry_name(trained) != self.dataset:
@@ -177,6 +201,7 @@ class Run:
             arch_text = f"{self.kind} width {self.width:g}"
         return (f"`{self.path}`: {model.get('name', '?')}"
                 + (f" (sha256 {sha[:12]})" if sha else "")
+                + (f", seed {self.seed}" if self.seed is not None else "")
                 + f"; {arch_text}; {DATASET_TEXT.get(self.dataset, self.dataset)} {ds.get('split', '?')}, "
                 + f"{ds.get('evaluated', '?')} of {ds.get('images', '?')} images; {self.settings()}; "
                 + f"deepcount {self.data.get('deepcount_version', '?')}, {self.data.get('timestamp', '?')}")
@@ -282,17 +307,25 @@ def _num(value: str | None) -> str:
     return DASH if value is None else str(value)
 
 
-def _ours(run: Run, output: str = "count", rmse: bool = False) -> str:
-    m = run.metric(output)
-    if m is None:
+def _ours(runs: Run | Sequence[Run], output: str = "count", rmse: bool = False, key: str = "mae") -> str:
+    """A cell: one run's MAE (/ RMSE) and its [n]; several seeds' mean, then the range of their
+    MAE (the spread between seeds, against which a difference between cells is read)."""
+    runs = [runs] if isinstance(runs, Run) else list(runs)
+    found = [(r, m) for r in runs if (m := r.metric(output)) is not None]
+    if not found:
         return DASH
-    text = f"{m['mae']:.2f}" + (f" / {m['rmse']:.2f}" if rmse else "")
-    return f"{text} [{run.index}]"
+    refs = ", ".join(str(r.index) for r, _ in found)
+    mean = lambda k: sum(m[k] for _, m in found) / len(found)  # noqa: E731
+    text = f"{mean(key):.2f}" + (f" / {mean('rmse'):.2f}" if rmse else "")
+    if len(found) > 1:
+        maes = [m[key] for _, m in found]
+        seeds = ", ".join(str(r.seed) for r, _ in found)
+        text += f" (mean of seeds {seeds}: {min(maes):.2f}-{max(maes):.2f})"
+    return f"{text} [{refs}]"
 
 
-def _ours_rmse(run: Run, output: str = "count") -> str:
-    m = run.metric(output)
-    return DASH if m is None else f"{m['rmse']:.2f} [{run.index}]"
+def _ours_rmse(runs: Run | Sequence[Run], output: str = "count") -> str:
+    return _ours(runs, output, key="rmse")
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Sequence[str] | None = None) -> list[str]:
@@ -303,21 +336,28 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Sequence
 
 
 class _Slots:
-    """Groups runs under a label (a row or a column): runs with the same label share it until
-    two want the same cell; then the later one gets a new group, ``label (2)``."""
+    """Groups runs under a label (a row or a column): runs with the same label share it, and
+    runs that differ only by their training seed share a cell (their mean and spread); two runs
+    of the same seed (or of unknown seeds) that want the same cell do not: the later one gets a
+    new group, ``label (#2)``."""
 
     def __init__(self) -> None:
-        self.groups: list[tuple[str, dict[Any, Run]]] = []
+        self.groups: list[tuple[str, dict[Any, list[Run]]]] = []
 
     def add(self, label: str, cell: Any, run: Run) -> None:
         n = 1
         for name, cells in self.groups:
-            if name.split(" (#")[0] == label and cell not in cells:
-                cells[cell] = run
+            if name.split(" (#")[0] != label:
+                continue
+            there = cells.get(cell)
+            if there is None:
+                cells[cell] = [run]
                 return
-            if name.split(" (#")[0] == label:
-                n += 1
-        self.groups.append((label if n == 1 else f"{label} (#{n})", {cell: run}))
+            if run.seed is not None and all(r.seed is not None and r.seed != run.seed for r in there):
+                there.append(run)
+                return
+            n += 1
+        self.groups.append((label if n == 1 else f"{label} (#{n})", {cell: [run]}))
 
 
 def _results_table(title: str, caption: str, columns: Sequence[str], datasets: Sequence[str],
@@ -338,8 +378,8 @@ def _results_table(title: str, caption: str, columns: Sequence[str], datasets: S
         for label, cells in ours[kind].groups:
             row = [f"{name}, this repo: {label}"]
             for ds in datasets:
-                run = cells.get(ds)
-                row += [DASH, DASH] if run is None else [_ours(run), _ours_rmse(run)]
+                found = cells.get(ds)
+                row += [DASH, DASH] if found is None else [_ours(found), _ours_rmse(found)]
             rows.append(row)
         return rows
 
@@ -389,9 +429,9 @@ def table7(runs: Sequence[Run]) -> list[str]:
     for ds, paper in PAPER_TABLE7.items():
         rows.append([f"{DATASET_TEXT[ds]} (paper)", *(_num(v) for v in paper)])
         for label, cells in slots[ds].groups:
-            run = cells["run"]
-            widths.add(run.width)
-            rows.append([f"{DATASET_TEXT[ds]}, this repo: {label}", *(_ours(run, o, rmse=True) for o in outputs)])
+            found = cells["run"]
+            widths.update(r.width for r in found)
+            rows.append([f"{DATASET_TEXT[ds]}, this repo: {label}", *(_ours(found, o, rmse=True) for o in outputs)])
     rows.append(["Million FLOPs (paper)", *(_num(v) for v in PAPER_TABLE7_FLOPS), "-"])
     for width in sorted(widths, reverse=True):
         flops = branch_flops({"width": width})
