@@ -3,7 +3,7 @@
 Every (model, dataset, tiling) evaluation not yet under ``--results`` (default
 ``docs/results/``) is run with :func:`deepcount.evaluation.evaluate`: the standard protocol (the
 true count is the number of annotated points), the backbone and every branch the weights hold,
-float32 on the CPU.  Each lands in ``<results>/<model>/<dataset>_test_<tiling>/``
+float32 on the CPU (``--engine bf16``: bfloat16 compute).  Each lands in ``<results>/<model>/<dataset>_test_<tiling>/``
 (``evaluation.json``, ``evaluation.md``, ``per_image.csv``), written only once it is whole, so an
 interrupted run resumes where it stopped (``--force`` runs one again).  The table printed (and
 ``bench/results/accuracy.json``) covers every evaluation asked for; ``deepcount report
@@ -38,6 +38,9 @@ def main() -> int:
     p.add_argument("--results", default=None, metavar="DIR", help="evaluations folder (default: docs/results; --smoke: a temporary one)")
     p.add_argument("--force", action="store_true", help="run evaluations again that are already there")
     p.add_argument("--limit", type=int, default=None, help="the first N images of each set (default: all; --smoke 2)")
+    p.add_argument("--engine", default="auto", choices=["auto", "bf16"],
+                   help="auto: float32 (the CPU's fastest float32-exact path, default); bf16: bfloat16 "
+                        "compute (evaluations land in <dataset>_test_<tiling>_bf16/)")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     run = C.Run("accuracy", args)
@@ -60,14 +63,15 @@ def main() -> int:
                 if tiling == "features" and not getattr(net, "feature_levels", ()):
                     print(f"# {name}: tiling features needs a DeepCount, skipped")
                     continue
-                folder = results / name / f"{dataset}_test_{tiling}{f'_first{limit}' if limit else ''}"
+                folder = results / name / (f"{dataset}_test_{tiling}{f'_first{limit}' if limit else ''}"
+                                           f"{'_bf16' if args.engine == 'bf16' else ''}")
                 if (folder / "evaluation.json").is_file() and not args.force:
                     found = load_evaluation(folder / "evaluation.json")
                     seconds, ran = found.get("seconds"), False
                     metrics = found["metrics"]
                 else:
                     result = evaluate(net, data, tiling=tiling, info=info, dataset_name=dataset, limit=limit,
-                                      device="cpu", root=C.data_root())
+                                      device="cpu", root=C.data_root(), engine=args.engine)
                     part = folder.with_name(folder.name + ".part")
                     shutil.rmtree(part, ignore_errors=True)
                     result.write(part)
@@ -80,11 +84,13 @@ def main() -> int:
                              " ".join(f"{k[-1]}:{v['mae']:.2f}" for k, v in sorted(branches.items())) or "-",
                              f"{seconds:.0f}" if seconds is not None else "?", "run" if ran else "found"])
                 records.append({"model": name, "sha256": info.get("sha256"), "dataset": dataset, "tiling": tiling,
+                                "engine": args.engine,
                                 "folder": str(folder), "metrics": metrics, "seconds": seconds, "ran": ran})
     run["results"], run["limit"] = str(results), limit
     run["evaluations"] = records
     C.table(["model", "test set", "tiling", "images", "MAE", "RMSE", "branch MAEs", "seconds", ""], rows,
-            title="Accuracy, standard protocol (true count: annotated points), float32, CPU")
+            title="Accuracy, standard protocol (true count: annotated points), "
+                  f"{'bfloat16' if args.engine == 'bf16' else 'float32'}, CPU")
     run.finish()
     if temporary:
         shutil.rmtree(results, ignore_errors=True)

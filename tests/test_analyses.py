@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from deepcount.analyses import PLAN, jobs, state
 from deepcount.config import ConfigError, parse_config
@@ -74,6 +75,7 @@ def test_a_tiny_plan_trains_evaluates_reports_and_resumes(tmp_path, data_root):
     from deepcount.analyses import run_analyses
     from deepcount.datasets import shanghaitech
     from deepcount.evaluation import evaluate
+    from deepcount.weights import read_safetensors
 
     plan = jobs(tmp_path / "out", BASE, steps=3, only=["baseline", "detach-1-5"],
                 extra=[*TINY, "--data.feature_cache", str(tmp_path / "features")])
@@ -91,10 +93,15 @@ def test_a_tiny_plan_trains_evaluates_reports_and_resumes(tmp_path, data_root):
     images = shanghaitech(data_root / "ShanghaiTech", "B", "test")
     direct = evaluate(str(plan[0].run_dir / f"{plan[0].name}.safetensors"), images, limit=3, progress=False)
     assert direct.tiling == "features"
-    assert [(Path(r["image"]).name, r["height"], r["width"], r["tiles"]) for r in base["images"]] == \
+    whole = json.loads((plan[0].run_dir / "evaluation" / "evaluation.json").read_text())
+    assert whole["metrics"] == base["metrics"] and "images" not in base
+    assert [(Path(r["image"]).name, r["height"], r["width"], r["tiles"]) for r in whole["images"]] == \
         [(Path(r.image).name, r.height, r.width, r.tiles) for r in direct.rows]
     for key in ("count", "branch1", "branch5"):
-        np.testing.assert_allclose([r[key] for r in base["images"]], [r.outputs[key] for r in direct.rows], rtol=2e-3)
+        np.testing.assert_allclose([r[key] for r in whole["images"]], [r.outputs[key] for r in direct.rows], rtol=2e-3)
+    # the kept copy pairs images: their true and backbone counts
+    assert base["per_image"]["truth"] == [r.truth for r in direct.rows]
+    np.testing.assert_allclose(base["per_image"]["count"], [r.outputs["count"] for r in direct.rows], rtol=2e-3)
     # the seeds share a cell (mean and range) in Tables 7 and 9; the 3-step seeds differ
     assert "(mean of seeds 0, 1: " in text.split("## Table 9")[1].split("## ")[0]
     t9 = next(line for line in text.split("## Table 9")[1].splitlines() if line.startswith("| Branches 1-5"))
@@ -103,7 +110,7 @@ def test_a_tiny_plan_trains_evaluates_reports_and_resumes(tmp_path, data_root):
 
     # a stop: one run lost its weights and evaluation (its checkpoints stayed), one its evaluation
     kept = {j.name: (j.evaluation / "evaluation.json").stat().st_mtime_ns for j in plan}
-    weights = (plan[3].run_dir / f"{plan[3].name}.safetensors").read_bytes()
+    weights = read_safetensors(plan[3].run_dir / f"{plan[3].name}.safetensors")[0]
     (plan[3].run_dir / f"{plan[3].name}.safetensors").unlink()
     shutil.rmtree(plan[3].evaluation)
     shutil.rmtree(plan[1].evaluation)
@@ -111,7 +118,9 @@ def test_a_tiny_plan_trains_evaluates_reports_and_resumes(tmp_path, data_root):
     lines.clear()
     again = run_analyses(plan, progress=False, limit=3, log=lines.append)
     assert sum("evaluating" in line for line in lines) == 2
-    assert (plan[3].run_dir / f"{plan[3].name}.safetensors").read_bytes() == weights  # resumed, not retrained
+    assert f"[4/4] {plan[3].name} (Table 9 (branches 1-5 detached)): partial" in lines  # resumed from last.ckpt
+    resumed = read_safetensors(plan[3].run_dir / f"{plan[3].name}.safetensors")[0]
+    assert resumed.keys() == weights.keys() and all(torch.equal(resumed[k], weights[k]) for k in weights)
     assert {j.name: (j.evaluation / "evaluation.json").stat().st_mtime_ns for j in plan}[plan[0].name] == kept[plan[0].name]
     again_results = {j.name: json.loads((j.evaluation / "evaluation.json").read_text())["metrics"] for j in plan}
     assert again_results == {n: r["metrics"] for n, r in results.items()}

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .cache import atomic_path
+
 __all__ = ["PLAN", "Job", "Variant", "jobs", "run_analyses", "state"]
 
 
@@ -63,7 +65,7 @@ class Job:
     seed: int
     argv: tuple[str, ...]  # `deepcount train` arguments
     run_dir: Path
-    evaluation: Path  # the evaluation folder (evaluation.json, evaluation.md, per_image.csv)
+    evaluation: Path  # the kept evaluation: evaluation.json (the whole one: run_dir/evaluation/)
 
     @property
     def name(self) -> str:
@@ -141,8 +143,17 @@ def _evaluate(job: Job, split: str, device: str, progress: bool, limit: int | No
     result = evaluate(net, dataset, tiling="features" if level else None, info=info, device=device,
                       limit=limit, progress=progress, dataset_name=cfg.data.dataset,
                       root=dataset_root(cfg.data.dataset, cfg.data.root), features=features)
-    result.write(job.evaluation)
-    return job.evaluation / "evaluation.json"
+    result.write(job.run_dir / "evaluation")  # whole: settings, metrics, every image's row
+    # the kept copy: everything but the per-image rows, which shrink to the true and backbone
+    # counts (enough to pair variants image by image), so nine runs stay a few kilobytes each
+    slim = {k: v for k, v in result.to_dict().items() if k != "images"}
+    slim["per_image"] = {"image": [r.image for r in result.rows], "truth": [r.truth for r in result.rows],
+                         "count": [round(r.outputs["count"], 3) for r in result.rows]}
+    job.evaluation.mkdir(parents=True, exist_ok=True)
+    path = job.evaluation / "evaluation.json"
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(slim, indent=1) + "\n", encoding="utf-8")
+    return path
 
 
 def run_analyses(plan: Sequence[Job], *, split: str = "test", device: str = "auto", progress: bool = True,

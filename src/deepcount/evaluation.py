@@ -249,6 +249,7 @@ class Evaluation:
     device: str = "cpu"
     batch_size: int = 8
     features: str | None = None  # where the frontend's features came from, if not the images
+    engine: str = "auto"  # deepcount.engines: auto is float32; bf16 computes in bfloat16
     timestamp: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     @property
@@ -264,6 +265,8 @@ class Evaluation:
             text += f", {ground_truth_label(self.ground_truth)}"
         if self.features:
             text += f"; features {self.features}"
+        if self.engine != "auto":
+            text += f"; engine {self.engine}"
         return text
 
     def to_dict(self) -> dict[str, Any]:
@@ -282,7 +285,7 @@ class Evaluation:
             "protocol_text": PROTOCOL_TEXT[self.protocol], "ground_truth": gt,
             "outputs": self.outputs, "metrics": self.metrics,
             "device": self.device, "batch_size": self.batch_size, "seconds": round(self.seconds, 3),
-            **({"features": self.features} if self.features else {}),
+            "engine": self.engine, **({"features": self.features} if self.features else {}),
             "images": [r.as_dict() for r in self.rows],
         }
 
@@ -544,6 +547,7 @@ def evaluate(model: nn.Module | str | os.PathLike, dataset: Sequence[AnnotatedIm
                       root=root_text, dataset_images=len(dataset), tiling=tiling, protocol=protocol,
                       ground_truth=gt_config, ground_truth_source=gt_source, outputs=outputs, rows=rows,
                       seconds=time.perf_counter() - start, device=str(dev), batch_size=int(batch_size),
+                      engine=str(getattr(engine, "name", engine)),
                       features=None if features is None else
                       f"read from a cache: {features.level}, computed in {features.precision}, kept in float16")
 

@@ -180,6 +180,8 @@ class Run:
             parts.append(f"width {self.width:g}")
         if self.data.get("features"):
             parts.append("frontend features cached")
+        if self.data.get("engine", "auto") != "auto":
+            parts.append(f"engine {self.data['engine']}")
         trained = model.get("dataset")
 
         if isinstance(trained, str) and trained and registry_name(trained) != self.dataset:
@@ -501,7 +503,8 @@ def settings_table(runs: Sequence[Run]) -> list[str]:
         model = run.data.get("model") or {}
         ident = (model.get("sha256") or model.get("name"), run.dataset,
                  (run.data.get("dataset") or {}).get("split"), (run.data.get("dataset") or {}).get("evaluated"))
-        col = f"tiling {run.data.get('tiling', '?')}, truth {_truth(run.data)}"
+        col = f"tiling {run.data.get('tiling', '?')}, truth {_truth(run.data)}" + (
+            f", engine {run.data['engine']}" if run.data.get("engine", "auto") != "auto" else "")
         if col not in columns:
             columns.append(col)
         groups.setdefault(ident, {}).setdefault(col, run)
