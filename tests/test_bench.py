@@ -146,6 +146,17 @@ def test_bf16_counts_smoke(tmp_path):
         assert r["device"] == "cpu" and d["cuda"] == NO_GPU and r["bf16_native"] == native_bf16("cpu")
 
 
+def test_int8_smoke(tmp_path):
+    pytest.importorskip("onnxruntime")
+    d = bench("int8", tmp_path)
+    assert d["images"] == 1 and d["split"] == "val" and len(d["calibration_images"]) == 1
+    r = d["results"]
+    assert set(r) == {"fp32", "int8, count convs 2", "int8, count convs 4"}
+    assert r["fp32"]["moved_mean_abs"] == 0.0 and r["fp32"]["speedup_vs_fp32"]["median"] == 1.0
+    assert all(positive(v["seconds"]["median_s"]) and v["mae"] >= 0 for v in r.values())
+    assert d["quantization"]["4"]["count_convs"] == "the first 4 of 11"
+
+
 def test_cli_help_smoke_imports_neither_torch_nor_lightning(tmp_path):
     from deepcount.cli import COMMANDS
 

@@ -390,6 +390,54 @@ def test_a_features_model_exports_to_onnx_with_its_frontend(net, tmp_path, sha_t
         Counter.load(out)
 
 
+def test_an_int8_copy_quantizes_the_frontend_and_the_first_count_convs(net, tmp_path, sha_test, shb_train):
+    pytest.importorskip("onnxruntime")
+    import json
+
+    import onnx
+    from safetensors.torch import save_file
+
+    from deepcount.export import ExportError, export, frontend_path, quantize_int8
+    from deepcount.predict import Counter
+
+    src = tmp_path / "small.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(src))
+    src.with_suffix(".json").write_text(json.dumps({
+        "architecture": {"model": "deepcount", "width": 0.125, "activation": "prelu", "branches": [1, 2, 3, 4, 5]},
+        "tiling": "features", "feature_level": "conv4_2"}))
+    out, q = tmp_path / "small.onnx", tmp_path / "small.int8.onnx"
+    export(src, "onnx", out)
+    done = quantize_int8(out, q, [shb_train[0].image, shb_train[1].image], count_convs=2)
+    assert done["count_convs"] == "the first 2 of 11" and done["frontend_convs"] == "all 9"
+    assert done["calibration"]["images"] == ["IMG_1.jpg", "IMG_2.jpg"] and done["calibration"]["tiles"] == 8
+
+    def int8_convs(path: Path) -> list[bool]:  # per Conv, in order: are its weights dequantized int8?
+        model = onnx.load(str(path))
+        made_by = {o: n.op_type for n in model.graph.node for o in n.output}
+        return [made_by.get(n.input[1]) == "DequantizeLinear" for n in model.graph.node if n.op_type == "Conv"]
+    assert int8_convs(q) == [True, True] + [False] * 9
+    assert int8_convs(frontend_path(q)) == [True] * 9
+    assert not any(int8_convs(out)) and not any(int8_convs(frontend_path(out)))
+    # its frontend computes the float32 frontend's features within int8's rounding
+    import onnxruntime as ort
+
+    from deepcount.images import to_tensor
+
+    x = to_tensor(load_image(sha_test[2].image))[None].numpy()
+    fp32, int8 = (ort.InferenceSession(str(frontend_path(f))).run(["features"], {"image": x})[0] for f in (out, q))
+    assert np.linalg.norm(int8 - fp32) / np.linalg.norm(fp32) < 0.05
+    # it loads and counts like any export and says what it is
+    counter = Counter.load(q)
+    assert "int8" in counter.info["description"] and counter.info["export"]["quantization"]["format"] == "QDQ"
+    assert counter.count(load_image(sha_test[2].image)).count >= 0
+    # the pair is checked as one: a float32 frontend beside the int8 count graph is refused
+    frontend_path(q).write_bytes(frontend_path(out).read_bytes())
+    with pytest.raises(ExportError, match="not the frontend exported"):
+        Counter.load(q)
+    with pytest.raises(ExportError, match="name of its own"):
+        quantize_int8(out, out, [shb_train[0].image])
+
+
 @pytest.mark.offline
 def test_images_thinner_than_a_cell_are_one_padded_cell(net):
     for shape, tiles in (((1, 5000, 3), 10), ((5, 5, 3), 1), ((7, 600, 3), 2)):

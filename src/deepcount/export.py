@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from .cache import atomic_path, cache_dir
-from .model import (ARCHITECTURES, FEATURE_SIZE, INPUT_SIZE, MAP_SIZES, architecture, frontend_split,
+from .model import (ARCHITECTURES, FEATURE_SIZE, FEATURE_STRIDE, INPUT_SIZE, MAP_SIZES, architecture, frontend_split,
                     parse_density)
 from .engines import resolve_device
 from .features import frontend_features, receptive_radius, windowed_features
@@ -329,7 +329,7 @@ def _decode_meta(raw: dict[str, str], path: Path) -> dict[str, Any]:
     if "version" not in meta or "outputs" not in meta:
         raise ExportError(f"{path}: no deepcount metadata; only files written by "
                           "`deepcount export` can be loaded")
-    for key in ("architecture", "source_architecture", "outputs", "counts_by_map", "input", "info"):
+    for key in ("architecture", "source_architecture", "outputs", "counts_by_map", "input", "info", "quantization"):
         if key in meta:
             meta[key] = json.loads(meta[key])
     meta["density_branch"] = int(meta["density_branch"]) if meta.get("density_branch") else None
@@ -487,7 +487,7 @@ def load_onnx_runner(path: str | os.PathLike, device: str | torch.device = "auto
     info.update({
         "name": meta["model_name"],
         "description": (meta.get("description") or f"exported {meta['model_name']}")
-        + f" [ONNX, onnxruntime {session.get_providers()[0]}: {path}]",
+        + f" [ONNX{', int8' if meta.get('quantization') else ''}, onnxruntime {session.get_providers()[0]}: {path}]",
         "architecture": meta["architecture"],
         "sha256": meta.get("source_sha256", ""),
         "tiling": meta.get("tiling", "pad"),
@@ -496,7 +496,7 @@ def load_onnx_runner(path: str | os.PathLike, device: str | torch.device = "auto
         "backend": "onnxruntime",
         "providers": session.get_providers(),
         "branches": [meta["density_branch"]] if meta["density_branch"] is not None else [],
-        "export": {k: meta[k] for k in ("version", "exporter", "opset", "graph_sha256") if k in meta},
+        "export": {k: meta[k] for k in ("version", "exporter", "opset", "graph_sha256", "quantization") if k in meta},
     })
     return OnnxRunner(session, meta), info
 
@@ -707,3 +707,111 @@ def frontend_graph(graph: CountGraph) -> FrontendGraph | None:
     if graph.level is None:
         return None
     return FrontendGraph(graph.net.frontend, graph.level).eval()
+
+
+# ----------------------------------------------------------------------------- int8
+def _conv_nodes(model: Any) -> list[str]:
+    return [n.name for n in model.graph.node if n.op_type == "Conv"]
+
+
+def calibration_inputs(path: str | os.PathLike, images: Sequence[str | os.PathLike]
+                       ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """What a deepcount ONNX export sees when it counts ``images``: the frontend file's inputs
+    (the normalised windows of each image; empty for a model without one) and the count
+    graph's inputs (one tile at a time), as float32 arrays for onnxruntime's calibration."""
+    session, meta = onnx_session(path, "cpu")
+    runner = OnnxRunner(session, meta)
+    windows: list[np.ndarray] = []
+    tiles: list[np.ndarray] = []
+    for image_path in images:
+        image = load_image(image_path)
+        if runner.level:
+            front = meta["frontend_session"]
+
+            def run(x: Tensor) -> Tensor:
+                windows.append(np.ascontiguousarray(x.numpy(), dtype=np.float32))
+                return torch.from_numpy(front.run(["features"], {IMAGE_NAME: windows[-1]})[0])
+            feats = windowed_features(run, image, receptive_radius(None, str(runner.level)))
+            h, w = feats.shape[-2] * FEATURE_STRIDE, feats.shape[-1] * FEATURE_STRIDE
+            batches = feature_batches(feats, plan_tiles(h, w, "features"), 1)
+        else:
+            batches = tile_batches(image, plan_tiles(*image.shape[:2], "pad"), 1, channels_last=False)
+        tiles += [np.ascontiguousarray(b.numpy(), dtype=np.float32) for b, _ in batches]
+    return windows, tiles
+
+
+def quantize_int8(path: str | os.PathLike, output: str | os.PathLike, images: Sequence[str | os.PathLike],
+                  count_convs: int | None = None) -> dict[str, Any]:
+    """An int8 copy of the deepcount ONNX export ``path`` at ``output`` (and, for a
+    ``features``-tiled model, its frontend file beside it), loadable like any export.
+
+    onnxruntime's static quantization (``quantize_static``, QDQ format): int8 weights per output
+    channel, uint8 activations whose ranges are the minimum and maximum seen while counting
+    ``images`` (calibration: give training images, never the test images the result is judged
+    on).  The frontend file's convolutions are all quantized; of the count graph's, the first
+    ``count_convs`` in graph order (None: all).  Later ones are left in float32 where their
+    inputs' ranges are too wide for 256 levels: on the ShanghaiTech B model, quantizing one
+    middle convolution of the backbone alone moved a count by a third (docs/PERFORMANCE.md).
+    Returns what was done (written into the file's metadata as ``deepcount.quantization``)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    path, output = Path(path), Path(output)
+    if not _is_onnx(output) or output.resolve() == path.resolve():
+        raise ExportError(f"{output}: the int8 copy needs an .onnx name of its own")
+    if not images:
+        raise ExportError("int8 calibration needs at least one image")
+    source = _load_onnx(path)
+    meta = {p.key: p.value for p in source.metadata_props}
+    windows, tiles = calibration_inputs(path, images)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, name: str, arrays: list[np.ndarray]):
+            self.items = iter([{name: a} for a in arrays])
+
+        def get_next(self) -> dict | None:
+            return next(self.items, None)
+
+    def quantize(src: Path, dst: Path, name: str, arrays: list[np.ndarray], convs: int | None) -> tuple[Any, list[str]]:
+        with tempfile.TemporaryDirectory() as tmp, _quiet():
+            pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+            nodes = _conv_nodes(onnx.load(str(pre)))
+            chosen = nodes if convs is None else nodes[:convs]
+            quantize_static(str(pre), str(out), Reader(name, arrays), quant_format=QuantFormat.QDQ,
+                            per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                            op_types_to_quantize=["Conv"], nodes_to_quantize=chosen)
+            model = onnx.load(str(out))
+        model.producer_name, model.producer_version = "deepcount", __version__
+        return model, chosen
+
+    done: dict[str, Any] = {
+        "tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
+        "weights": "int8, per output channel", "activations": "uint8, MinMax ranges",
+        "calibration": {"images": [Path(p).name for p in images], "tiles": len(tiles), "windows": len(windows)},
+        "source_graph_sha256": meta.get(META_PREFIX + "graph_sha256", "")}
+    props = dict(meta)
+    if meta.get(META_PREFIX + "feature_level"):
+        front_src = path.with_name(meta.get(META_PREFIX + "frontend_file") or frontend_path(path).name)
+        front, chosen = quantize(front_src, frontend_path(output), IMAGE_NAME, windows, None)
+        del front.metadata_props[:]
+        for p in _load_onnx(front_src).metadata_props:
+            entry = front.metadata_props.add()
+            entry.key, entry.value = p.key, p.value
+        _atomic_write(frontend_path(output), front.SerializeToString(deterministic=True))
+        done["frontend_convs"] = f"all {len(chosen)}"
+        props.update({META_PREFIX + "frontend_file": frontend_path(output).name,
+                      META_PREFIX + "frontend_graph_sha256": graph_digest(front)})
+    model, chosen = quantize(path, output, FEATURES_NAME if meta.get(META_PREFIX + "feature_level") else INPUT_NAME,
+                             tiles, count_convs)
+    done["count_convs"] = f"the first {len(chosen)} of {len(_conv_nodes(source))}"
+    props.update({META_PREFIX + "quantization": json.dumps(done, sort_keys=True),
+                  META_PREFIX + "graph_sha256": graph_digest(model)})
+    model.doc_string = source.doc_string
+    del model.metadata_props[:]
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    _atomic_write(output, model.SerializeToString(deterministic=True))
+    return done
