@@ -357,20 +357,26 @@ def test_slim_weights_leave_out_the_frozen_frontend_and_load_back(tmp_path):
         slim_weights(src, tmp_path / "bad.safetensors", [3])
 
 
-def test_a_features_model_exports_to_onnx_with_its_frontend(net, tmp_path, sha_test):
-    pytest.importorskip("onnxruntime")
+def features_model_file(net: DeepCount, folder: Path) -> Path:
+    """``net`` as a weights file with the sidecar of a model trained from conv4_2 features."""
     import json
 
     from safetensors.torch import save_file
 
-    from deepcount.export import ExportError, export, frontend_path
-    from deepcount.predict import Counter
-
-    src = tmp_path / "small.safetensors"
+    src = folder / "small.safetensors"
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(src))
     src.with_suffix(".json").write_text(json.dumps({
         "architecture": {"model": "deepcount", "width": 0.125, "activation": "prelu", "branches": [1, 2, 3, 4, 5]},
         "tiling": "features", "feature_level": "conv4_2"}))
+    return src
+
+
+def test_a_features_model_exports_to_onnx_with_its_frontend(net, tmp_path, sha_test):
+    pytest.importorskip("onnxruntime")
+    from deepcount.export import ExportError, export, frontend_path
+    from deepcount.predict import Counter
+
+    src = features_model_file(net, tmp_path)
     out = tmp_path / "small.onnx"
     result, graph = export(src, "onnx", out, density=1)
     assert graph.level == "conv4_2" and frontend_path(out).is_file()
@@ -392,19 +398,12 @@ def test_a_features_model_exports_to_onnx_with_its_frontend(net, tmp_path, sha_t
 
 def test_an_int8_copy_quantizes_the_frontend_and_the_first_count_convs(net, tmp_path, sha_test, shb_train):
     pytest.importorskip("onnxruntime")
-    import json
-
     import onnx
-    from safetensors.torch import save_file
 
     from deepcount.export import ExportError, export, frontend_path, quantize_int8
     from deepcount.predict import Counter
 
-    src = tmp_path / "small.safetensors"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(src))
-    src.with_suffix(".json").write_text(json.dumps({
-        "architecture": {"model": "deepcount", "width": 0.125, "activation": "prelu", "branches": [1, 2, 3, 4, 5]},
-        "tiling": "features", "feature_level": "conv4_2"}))
+    src = features_model_file(net, tmp_path)
     out, q = tmp_path / "small.onnx", tmp_path / "small.int8.onnx"
     export(src, "onnx", out)
     done = quantize_int8(out, q, [shb_train[0].image, shb_train[1].image], count_convs=2)
