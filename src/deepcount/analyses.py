@@ -124,7 +124,7 @@ def state(job: Job) -> str:
     return "new"
 
 
-def _evaluate(job: Job, split: str, device: str, progress: bool, limit: int | None) -> Path:
+def _evaluate(job: Job, split: str, device: str, progress: bool, limit: int | None) -> dict:
     from .config import parse_config
     from .datasets import dataset_root, load_dataset
     from .evaluation import evaluate
@@ -135,11 +135,8 @@ def _evaluate(job: Job, split: str, device: str, progress: bool, limit: int | No
     net, info = load_network(str(job.run_dir / f"{job.name}.safetensors"))
     dataset = load_dataset(cfg.data.dataset, cfg.data.root, split)
     level = cfg.model.frozen
-    features = None
-    if level is not None:  # keyed by the frozen weights' digest: computed by the first variant only
-        features = FeatureCache(net, level, root=cfg.data.feature_cache, precision="fp32")
-        features.build([item.image for item in list(dataset)[:limit]], mirror=False, desc=f"{split} features",
-                       progress=progress)
+    # keyed by the frozen weights' digest: the first variant computes the features, the rest read them
+    features = None if level is None else FeatureCache(net, level, root=cfg.data.feature_cache, precision="fp32")
     result = evaluate(net, dataset, tiling="features" if level else None, info=info, device=device,
                       limit=limit, progress=progress, dataset_name=cfg.data.dataset,
                       root=dataset_root(cfg.data.dataset, cfg.data.root), features=features)
@@ -153,7 +150,7 @@ def _evaluate(job: Job, split: str, device: str, progress: bool, limit: int | No
     path = job.evaluation / "evaluation.json"
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(slim, indent=1) + "\n", encoding="utf-8")
-    return path
+    return result.metrics["count"]
 
 
 def run_analyses(plan: Sequence[Job], *, split: str = "test", device: str = "auto", progress: bool = True,
@@ -173,9 +170,8 @@ def run_analyses(plan: Sequence[Job], *, split: str = "test", device: str = "aut
             train(cfg)
         if state(job) == "trained":
             log(f"[{i}/{len(plan)}] {job.name}: evaluating on the {split} split")
-            path = _evaluate(job, split, device, progress, limit)
-            m = json.loads(path.read_text())["metrics"]["count"]
-            log(f"[{i}/{len(plan)}] {job.name}: MAE {m['mae']:.2f}, RMSE {m['rmse']:.2f} ({path})")
+            m = _evaluate(job, split, device, progress, limit)
+            log(f"[{i}/{len(plan)}] {job.name}: MAE {m['mae']:.2f}, RMSE {m['rmse']:.2f} ({job.evaluation})")
     runs, problems = load_runs([j.evaluation for j in plan if state(j) == "evaluated"], strict=False)
     if problems:
         raise ValueError("; ".join(problems))

@@ -533,7 +533,7 @@ def evaluate(model: nn.Module | str | os.PathLike, dataset: Sequence[AnnotatedIm
                     h, w = image.shape[:2]
                 else:
                     image, (h, w) = None, image_size(item.image)
-                    feats = torch.from_numpy(np.array(features.get(item.image))).permute(2, 0, 1)
+                    feats = features.tensor(item.image)
                 count, maps, per_tile = count_tiles(run, image, tiling, batch_size, wanted, dev, features=feats)
                 sums = {"count": count, **{f"branch{k}": float(m.values.sum(dtype=np.float64))
                                            for k, m in maps.items()}}

@@ -189,6 +189,10 @@ class FeatureCache:
         self.computed += 1
         return np.load(path, mmap_mode="r", allow_pickle=False)
 
+    def tensor(self, image: str | os.PathLike) -> Tensor:
+        """``image``'s features as the network takes them: a (C, h, w) float32 tensor."""
+        return torch.from_numpy(self.get(image).astype(np.float32)).permute(2, 0, 1)
+
     def build(self, images: Sequence[str | os.PathLike], mirror: bool = True, desc: str = "frontend features",
               progress: bool = True) -> None:
         """Make sure every image (and its mirror when ``mirror``) is cached, with a progress bar."""

@@ -238,7 +238,7 @@ class ValidationFeatures(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, float]:
         item = self.dataset[i]
-        return torch.from_numpy(np.array(self.cache.get(item.image))).permute(2, 0, 1), float(item.count)
+        return self.cache.tensor(item.image), float(item.count)
 
 
 def _as_is(sample: Any) -> Any:

@@ -31,18 +31,16 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{job.name:<28} {state(job):<10} {job.variant.tables}\n    deepcount train {' '.join(job.argv)}")
         print(f"{len(plan)} runs of {len(PLAN)} variants; evaluations in {plan[0].evaluation.parent if plan else '-'}")
         return 0
-    from ..datasets import DataNotFoundError
-    from ..training import NonFiniteLossError
+    from .common import training_failure
 
     try:
         text = run_analyses(plan, split=args.split, device=args.device, progress=not args.quiet, limit=args.limit,
                             log=lambda line: print(line, file=sys.stderr, flush=True))
-    except (ConfigError, DataNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except Exception as e:  # noqa: BLE001 - ours get their exit code, the rest propagate
+        code = training_failure(e)
+        if code is None:
+            raise
+        return code
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to go on from the last checkpoint", file=sys.stderr)
         return 130

@@ -63,6 +63,22 @@ TILING_HELP = ("default: the model's own (its sidecar; `deepcount models` shows 
                "the padding as people (ShanghaiTech A test MAE 123 against 75, docs/RESULTS.md)")
 
 
+def training_failure(e: BaseException) -> int | None:
+    """The exit code of a training command (``train``, ``analyses``) that ``e`` ended, its line
+    printed: 2 for a bad config or missing data, 1 for a run that failed (a non-finite loss);
+    None for anything else (the caller re-raises it)."""
+    import sys
+
+    from ..config import ConfigError
+    from ..datasets import DataNotFoundError
+    from ..training import NonFiniteLossError
+
+    code = 2 if isinstance(e, (ConfigError, DataNotFoundError)) else 1 if isinstance(e, NonFiniteLossError) else None
+    if code is not None:
+        print(f"error: {e}", file=sys.stderr)
+    return code
+
+
 def printable(name: str) -> str:
     """A file name as text that any output can hold: bytes that are not UTF-8 (a name from
     another encoding, kept by Python as surrogates) become ``\\xNN``."""

@@ -8,7 +8,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from ..config import ConfigError, parse_config
+from ..config import parse_config
 from ..extras import MissingExtraError, require
 
 
@@ -21,18 +21,17 @@ def main(argv: Sequence[str]) -> int:
     except MissingExtraError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from ..datasets import DataNotFoundError
-    from ..training import NonFiniteLossError, check_config, train
+    from ..training import check_config, train
+    from .common import training_failure
 
     try:
         check_config(cfg)
         result = train(cfg)
-    except (ConfigError, DataNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except Exception as e:  # noqa: BLE001 - ours get their exit code, the rest propagate
+        code = training_failure(e)
+        if code is None:
+            raise
+        return code
     if "weights" in result:
         print(f"weights: {result['weights']}\nsidecar: {result['sidecar']}\n"
               f"metrics: {json.dumps(result['metrics'])}")
