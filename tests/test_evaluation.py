@@ -255,9 +255,9 @@ def test_cli_evaluate_writes_json_markdown_and_csv(small_weights, shb_root, tmp_
     assert [r["image"] for r in rows] == ["part_B_final/test_data/images/IMG_1.jpg",
                                           "part_B_final/test_data/images/IMG_2.jpg"]
     assert [int(r["tiles"]) for r in rows] == [4, 4]
-    for key, m in data["metrics"].items():  # the JSON's metrics are those of the CSV's rows
+    for key, m in data["metrics"].items():  # the JSON's metrics are those of the CSV's rows (to 1e-4)
         expected = metrics([float(r[key]) for r in rows], [float(r["truth"]) for r in rows])
-        assert m == pytest.approx(expected)
+        assert m == pytest.approx(expected, abs=1e-4)
         assert f"{m['mae']:.2f}" in printed
     md = (out / "evaluation.md").read_text()
     assert "tiling pad" in md and "truth points" in md and "recipe paper" in md and "| backbone count |" in md
@@ -305,6 +305,15 @@ def test_evaluation_json_round_trip(sha_items, tmp_path):
     data = load_evaluation(paths[0])
     assert data["ground_truth"]["name"] == "official" and data["ground_truth"]["kernel"] == 49
     assert data["model"]["architecture"]["model"] == "deepcount"
+    # one line per image, counts to 1e-4 of a person; the metrics are the unrounded rows'
+    lines = paths[0].read_text().splitlines()
+    assert sum(line.lstrip().startswith('{"image"') for line in lines) == 2
+    for row, written in zip(result.rows, data["images"]):
+        for key, value in row.outputs.items():
+            assert written[key] == round(value, 4) and abs(written[key] - value) <= 5e-5
+    assert data["metrics"] == result.metrics
+    csv_rows = paths[2].read_text().splitlines()
+    assert len(csv_rows) == 3 and csv_rows[1].split(",")[-1] == repr(data["images"][0][list(result.outputs)[-1]])
     (tmp_path / "other.json").write_text("{}")
     with pytest.raises(ValueError, match="not a deepcount evaluation"):
         load_evaluation(tmp_path / "other.json")

@@ -78,6 +78,20 @@ PROTOCOL_TEXT = {
     "blurred": "sum of the blurred ground-truth density map (authors' code)",
 }
 JSON_NAME, MARKDOWN_NAME, CSV_NAME = "evaluation.json", "evaluation.md", "per_image.csv"
+# per-image counts are written to 1e-4 of a person (float32 carries ~7 digits); metrics use them unrounded
+COUNT_DECIMALS = 4
+
+
+def evaluation_json(data: dict) -> str:
+    """An evaluation dict as JSON text: settings and metrics indented, then one line per image
+    (a 1,200-image evaluation stays a few hundred kilobytes and diffs line by line)."""
+    head = {k: v for k, v in data.items() if k != "images"}
+    text = json.dumps(head, indent=2, allow_nan=True)
+    if "images" not in data:
+        return text + "\n"
+    rows = ",\n".join("    " + json.dumps(r, allow_nan=True) for r in data["images"])
+    body = f'  "images": [\n{rows}\n  ]' if rows else '  "images": []'
+    return (text[:-2] + ",\n" if head else "{\n") + body + "\n}\n"
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -224,9 +238,11 @@ class ImageRow:
     truth: float
     outputs: dict[str, float]
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self, decimals: int | None = None) -> dict[str, Any]:
+        """The row as written; ``decimals`` rounds the counts (the metrics use them unrounded)."""
+        outputs = self.outputs if decimals is None else {k: round(v, decimals) for k, v in self.outputs.items()}
         return {"image": self.image, "height": self.height, "width": self.width, "tiles": self.tiles,
-                "annotations": self.annotations, "truth": self.truth, **self.outputs}
+                "annotations": self.annotations, "truth": self.truth, **outputs}
 
 
 @dataclass
@@ -286,7 +302,7 @@ class Evaluation:
             "outputs": self.outputs, "metrics": self.metrics,
             "device": self.device, "batch_size": self.batch_size, "seconds": round(self.seconds, 3),
             "engine": self.engine, **({"features": self.features} if self.features else {}),
-            "images": [r.as_dict() for r in self.rows],
+            "images": [r.as_dict(COUNT_DECIMALS) for r in self.rows],
         }
 
     def table(self) -> str:
@@ -334,7 +350,7 @@ class Evaluation:
 
         path = Path(path)
         with atomic_path(path) as tmp:  # whole or absent: its presence marks a finished evaluation
-            tmp.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=True) + "\n", encoding="utf-8")
+            tmp.write_text(evaluation_json(self.to_dict()), encoding="utf-8")
         return path
 
     def write_markdown(self, path: str | os.PathLike) -> Path:
@@ -350,7 +366,8 @@ class Evaluation:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             for r in self.rows:
-                writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in r.as_dict().items()})
+                writer.writerow({k: repr(v) if isinstance(v, float) else v
+                                 for k, v in r.as_dict(COUNT_DECIMALS).items()})
         return path
 
     def write(self, folder: str | os.PathLike) -> list[Path]:
