@@ -13,7 +13,10 @@ docs/results`` lays them out beside the paper's tables.
         --dataset shb sha mall [--tiling own features pad grid] [--force] [--smoke]
 
 ``--tiling own`` (the default) is the model's own tiling; ``features`` applies to a DeepCount only
-(skipped for a CSRNet, said).  ``--smoke``: the first 2 images of each set, into a temporary
+(skipped for a CSRNet, said).  ``--feature-cache``: tiling ``features`` reads each test image's
+frozen-frontend features from the feature cache (computed once in float32, kept in float16, keyed
+by the frozen weights), so models that share a frozen frontend (every CPU-trained one) pay the
+frontend once per test set; those evaluations land in ``<dataset>_test_features_cached/``.  ``--smoke``: the first 2 images of each set, into a temporary
 folder unless ``--results`` says where.
 """
 
@@ -41,11 +44,15 @@ def main() -> int:
     p.add_argument("--engine", default="auto", choices=["auto", "bf16"],
                    help="auto: float32 (the CPU's fastest float32-exact path, default); bf16: bfloat16 "
                         "compute (evaluations land in <dataset>_test_<tiling>_bf16/)")
+    p.add_argument("--feature-cache", action="store_true",
+                   help="tiling features: read the frozen frontend's features of each test image from the "
+                        "feature cache (float32, kept in float16; computed by the first model that needs them)")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     run = C.Run("accuracy", args)
     from deepcount.datasets import load_dataset
     from deepcount.evaluation import evaluate, load_evaluation
+    from deepcount.features import FeatureCache
     from deepcount.weights import load_network
 
     limit = args.limit or (2 if args.smoke else None)
@@ -63,7 +70,15 @@ def main() -> int:
                 if tiling == "features" and not getattr(net, "feature_levels", ()):
                     print(f"# {name}: tiling features needs a DeepCount, skipped")
                     continue
-                folder = results / name / (f"{dataset}_test_{tiling}{f'_first{limit}' if limit else ''}"
+                cache = None
+                if tiling == "features" and args.feature_cache:
+                    level = info.get("feature_level")
+                    if level is None:
+                        print(f"# {name}: no frozen frontend level in its sidecar, features computed from the images")
+                    else:
+                        cache = FeatureCache(net, level, precision="fp32")
+                folder = results / name / (f"{dataset}_test_{tiling}{'_cached' if cache else ''}"
+                                           f"{f'_first{limit}' if limit else ''}"
                                            f"{'_bf16' if args.engine == 'bf16' else ''}")
                 if (folder / "evaluation.json").is_file() and not args.force:
                     found = load_evaluation(folder / "evaluation.json")
@@ -71,7 +86,7 @@ def main() -> int:
                     metrics = found["metrics"]
                 else:
                     result = evaluate(net, data, tiling=tiling, info=info, dataset_name=dataset, limit=limit,
-                                      device="cpu", root=C.data_root(), engine=args.engine)
+                                      device="cpu", root=C.data_root(), engine=args.engine, features=cache)
                     part = folder.with_name(folder.name + ".part")
                     shutil.rmtree(part, ignore_errors=True)
                     result.write(part)
@@ -84,7 +99,7 @@ def main() -> int:
                              " ".join(f"{k[-1]}:{v['mae']:.2f}" for k, v in sorted(branches.items())) or "-",
                              f"{seconds:.0f}" if seconds is not None else "?", "run" if ran else "found"])
                 records.append({"model": name, "sha256": info.get("sha256"), "dataset": dataset, "tiling": tiling,
-                                "engine": args.engine,
+                                "engine": args.engine, "feature_cache": cache is not None,
                                 "folder": str(folder), "metrics": metrics, "seconds": seconds, "ran": ran})
     run["results"], run["limit"] = str(results), limit
     run["evaluations"] = records

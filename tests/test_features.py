@@ -371,6 +371,35 @@ def features_model_file(net: DeepCount, folder: Path) -> Path:
     return src
 
 
+def test_accuracy_bench_reads_test_features_from_the_cache(net, tmp_path, monkeypatch):
+    """bench/accuracy.py --feature-cache: the first model computes each test image's features
+    once, later ones read them; counts equal the images' own features to float16 storage."""
+    import json
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("DEEPCOUNT_CACHE", str(tmp_path / "cache"))
+    src, results = features_model_file(net, tmp_path), tmp_path / "results"
+
+    def accuracy(*extra: str) -> dict:
+        out = tmp_path / "accuracy.json"
+        proc = subprocess.run([sys.executable, str(REPO / "bench" / "accuracy.py"), "--smoke", "--out", str(out),
+                               "--results", str(results), "--model", str(src), "--tiling", "features", *extra],
+                              cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        (record,) = json.loads(out.read_text())["evaluations"]
+        return record
+
+    direct, cached = accuracy(), accuracy("--feature-cache")
+    assert not direct["feature_cache"] and cached["feature_cache"] and cached["ran"]
+    assert Path(cached["folder"]).name == "shb_test_features_cached_first2"
+    assert len(list((tmp_path / "cache" / "features").glob("*.npy"))) == 2  # the 2 images, no mirrors
+    for key, m in direct["metrics"].items():
+        assert cached["metrics"][key]["mae"] == pytest.approx(m["mae"], rel=1e-2, abs=1e-3), key
+    written = json.loads((Path(cached["folder"]) / "evaluation.json").read_text())
+    assert "read from a cache: conv4_2" in written["features"]
+
+
 def test_a_features_model_exports_to_onnx_with_its_frontend(net, tmp_path, sha_test):
     pytest.importorskip("onnxruntime")
     from deepcount.export import ExportError, export, frontend_path
