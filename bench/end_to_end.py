@@ -14,9 +14,16 @@ default model (the CSRNet baseline).
 
 4. (``--batch-sizes 1 2 4 8``) tiles per forward pass against speed and peak RSS, on a
    synthetic 3072x2304 photo (36 tiles), each count in a fresh process.
+5. (``--versus N``) DeepCount against CSRNet on the first N test images of ShanghaiTech B, A
+   and Mall at their own sizes, in one process, taking turns: the bundled default DeepCount as
+   ``Counter`` counts (its own tiling, the backbone alone) and the CSRNet baseline as its users
+   run it (the whole image in one forward pass, its map summed), both from the file (decoding
+   included), same engine (``--versus-engine``, default ``auto``: float32) and threads; with
+   each one's MAE on those images.
 
     python bench/end_to_end.py [--smoke] [--out FILE] [--images N] [--rounds N] [--skip-latency]
                                [--skip-big] [--skip-folder] [--batch-sizes B [B ...]]
+                               [--versus N] [--versus-engine auto|bf16]
 """
 
 from __future__ import annotations
@@ -231,6 +238,59 @@ def folder_run(folder: Path, models: dict[str, Path | str], n: int, variants: li
     return out
 
 
+VERSUS_SETS = {"shb": "ShanghaiTech B", "sha": "ShanghaiTech A", "mall": "Mall"}
+
+
+def versus(n: int, rounds: int, engine: str, deepcount: str = "default", csrnet: str = "csrnet-baseline") -> dict:
+    """Images/s of DeepCount (``Counter``, its own tiling) against CSRNet (one forward pass of
+    the whole image), taking turns over the same images, and each one's MAE on them."""
+    from deepcount import Counter
+    from deepcount.datasets import load_dataset
+    from deepcount.engines import engine_runner
+    from deepcount.images import load_image, to_tensor
+    from deepcount.weights import load_network
+
+    dc = Counter.load(deepcount, device="cpu", engine=engine)
+    net, _ = load_network(csrnet)
+    runner = engine_runner(net.eval(), engine, "cpu")
+
+    def csrnet_count(path) -> float:  # as CSRNet's users run it: the whole image at once
+        with torch.inference_mode():
+            count, _ = runner(to_tensor(load_image(path))[None])
+        return float(count[0])
+
+    out: dict = {"engine": engine, "deepcount": {"model": dc.name, "tiling": dc.tiling, "engine": dc.engine},
+                 "csrnet": {"model": csrnet, "inference": "whole image, one forward pass"}, "sets": {}}
+    rows = []
+    for key, label in VERSUS_SETS.items():
+        items = load_dataset(key, None, "test")[:n]
+        counts: dict[str, list[float]] = {}
+
+        def run(name: str, fn) -> None:
+            counts[name] = [fn(it.image) for it in items]
+        fns = {"deepcount": lambda: run("deepcount", lambda p: dc.count(p).count),
+               "csrnet": lambda: run("csrnet", csrnet_count)}
+        times = C.alternate(fns, rounds, warmup=1)
+        truth = [float(len(it.points)) for it in items]
+        sizes = sorted({tuple(load_image(it.image).shape[:2]) for it in items[:5]})
+        res = {"images": len(items), "sizes_first5": [list(x) for x in sizes], "rounds": rounds}
+        for name in fns:
+            med = float(np.median(times[name]))
+            mae = float(np.mean(np.abs(np.array(counts[name]) - truth)))
+            res[name] = {"seconds": times[name], "images_per_s": len(items) / med, "s_per_image": med / len(items),
+                         "mae": mae, "bias": float(np.mean(np.array(counts[name]) - truth))}
+        res["ratio"] = C.paired_ratio(times["csrnet"], times["deepcount"])
+        out["sets"][key] = res
+        rows.append([label, len(items), res["deepcount"]["images_per_s"], res["deepcount"]["s_per_image"],
+                     res["deepcount"]["mae"], res["csrnet"]["images_per_s"], res["csrnet"]["s_per_image"],
+                     res["csrnet"]["mae"], res["ratio"]["median"]])
+    C.table(["test set", "images", "DeepCount img/s", "s/img", "MAE", "CSRNet img/s", "s/img", "MAE",
+             "DeepCount / CSRNet (paired median)"], rows,
+            title=f"DeepCount ({dc.name}, tiling {dc.tiling}) against CSRNet (whole image), engine {engine}, "
+                  f"{rounds} rounds taking turns, decoding included")
+    return out
+
+
 def main() -> int:
     p = C.parser("end_to_end", __doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=None, help="photos for the folder run (default 100)")
@@ -240,6 +300,10 @@ def main() -> int:
     p.add_argument("--skip-folder", action="store_true")
     p.add_argument("--batch-sizes", type=int, nargs="*", default=None,
                    help="also time these tiles-per-pass on a 3072x2304 photo (default: none; e.g. 1 2 4 8)")
+    p.add_argument("--versus", type=int, default=None, metavar="N",
+                   help="also DeepCount against CSRNet on the first N test images of each set (default: not run)")
+    p.add_argument("--versus-engine", default="auto", choices=["auto", "bf16"],
+                   help="the engine both run with in --versus (default auto: float32)")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     run = C.Run("end_to_end", args)
@@ -265,6 +329,8 @@ def main() -> int:
             run["big_image"]["target_peak_rss_mb"] = 2048
             peak = run["big_image"]["runs"]["auto"]["peak_rss_mb"]
             run["big_image"]["target_met"] = None if smoke else bool(peak <= 2048)
+        if args.versus:
+            run["versus"] = versus(args.versus, args.rounds or (1 if smoke else 3), args.versus_engine)
         if not args.skip_folder:
             variants = [("deepcount-default-engine", "deepcount", None), ("deepcount-eager", "deepcount", "eager")]
             if not smoke:

@@ -132,6 +132,19 @@ def test_end_to_end_smoke(tmp_path):
                                             and b["peak_rss_mb"] > 100 for b in sweep.values())
 
 
+def test_end_to_end_versus_smoke(tmp_path):
+    d = bench("end_to_end", tmp_path, "--skip-latency", "--skip-big", "--skip-folder", "--versus", "1")
+    v = d["versus"]
+    assert v["deepcount"]["tiling"] == "features" and v["csrnet"]["inference"].startswith("whole image")
+    assert set(v["sets"]) == {"shb", "sha", "mall"}
+    for key, res in v["sets"].items():
+        assert res["images"] == 1 and positive(res["ratio"]["median"]), key
+        for name in ("deepcount", "csrnet"):
+            assert positive(res[name]["images_per_s"]) and math.isfinite(res[name]["mae"]), (key, name)
+    # the bundled DeepCount counts ShanghaiTech B test IMG_1 (23 annotated) within a few people
+    assert v["sets"]["shb"]["deepcount"]["mae"] < 5
+
+
 def test_bf16_counts_smoke(tmp_path):
     d = bench("bf16_counts", tmp_path)
     r = d["result"]
