@@ -20,10 +20,13 @@ default model (the CSRNet baseline).
    run it (the whole image in one forward pass, its map summed), both from the file (decoding
    included), same engine (``--versus-engine``, default ``auto``: float32) and threads; with
    each one's MAE on those images.
+6. (``--video N``) ``deepcount.video.count_video`` over an mp4 of the first N Mall test frames
+   (640x480) with the bundled default: frames/s counting alone (the backbone) and writing the
+   annotated video (its density branch and the overlay too), taking turns.
 
     python bench/end_to_end.py [--smoke] [--out FILE] [--images N] [--rounds N] [--skip-latency]
                                [--skip-big] [--skip-folder] [--batch-sizes B [B ...]]
-                               [--versus N] [--versus-engine auto|bf16]
+                               [--versus N] [--versus-engine auto|bf16] [--video N]
 """
 
 from __future__ import annotations
@@ -291,6 +294,49 @@ def versus(n: int, rounds: int, engine: str, deepcount: str = "default", csrnet:
     return out
 
 
+def video(folder: Path, n: int, rounds: int, model: str = "default") -> dict:
+    """Frames/s of ``count_video`` on Mall frames, counting alone and with the annotated video."""
+    import cv2
+
+    from deepcount import Counter
+    from deepcount.datasets import load_dataset
+    from deepcount.images import load_image
+    from deepcount.video import count_video
+
+    frames = load_dataset("mall", None, "test")[:n]
+    source = folder / "mall.mp4"
+    first = load_image(frames[0].image)
+    writer = cv2.VideoWriter(str(source), cv2.VideoWriter_fourcc(*"mp4v"), 25.0, (first.shape[1], first.shape[0]))
+    for it in frames:
+        writer.write(cv2.cvtColor(load_image(it.image), cv2.COLOR_RGB2BGR))
+    writer.release()
+    counter = Counter.load(model, device="cpu")
+    counts: dict[str, list[float]] = {}
+
+    def run(name: str, **kw) -> None:
+        counts[name] = [c.count for c in count_video(counter, source, progress=False, **kw)]
+    fns = {"count": lambda: run("count"),
+           "count + annotated video": lambda: run("count + annotated video", output=folder / "annotated.mp4")}
+    times = C.alternate(fns, rounds, warmup=1)
+    truth = np.array([float(len(it.points)) for it in frames])
+    out = {"model": counter.name, "tiling": counter.tiling, "frames": len(frames),
+           "size": list(first.shape[:2]), "density_branch": min(counter.density_branches or [0]) or None,
+           "rounds": rounds, "runs": {}}
+    rows = []
+    for name in fns:
+        med = float(np.median(times[name]))
+        c = np.array(counts[name])
+        out["runs"][name] = {"seconds": times[name], "frames_per_s": len(frames) / med,
+                             "mae": float(np.mean(np.abs(c - truth)))}
+        rows.append([name, len(frames), len(frames) / med, med / len(frames), out["runs"][name]["mae"]])
+    a, b = (np.array(counts[k]) for k in fns)
+    out["count_rel_diff"] = float(np.max(np.abs(a - b) / np.maximum(1.0, np.abs(a))))
+    C.table(["run", "frames", "frames/s", "s/frame", "MAE"], rows,
+            title=f"count_video on {len(frames)} Mall test frames (640x480, mp4v), {counter.name}, "
+                  f"tiling {counter.tiling}, {rounds} rounds taking turns")
+    return out
+
+
 def main() -> int:
     p = C.parser("end_to_end", __doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=None, help="photos for the folder run (default 100)")
@@ -304,6 +350,8 @@ def main() -> int:
                    help="also DeepCount against CSRNet on the first N test images of each set (default: not run)")
     p.add_argument("--versus-engine", default="auto", choices=["auto", "bf16"],
                    help="the engine both run with in --versus (default auto: float32)")
+    p.add_argument("--video", type=int, default=None, metavar="N",
+                   help="also count_video frames/s on the first N Mall test frames (default: not run)")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     run = C.Run("end_to_end", args)
@@ -331,6 +379,8 @@ def main() -> int:
             run["big_image"]["target_met"] = None if smoke else bool(peak <= 2048)
         if args.versus:
             run["versus"] = versus(args.versus, args.rounds or (1 if smoke else 3), args.versus_engine)
+        if args.video:
+            run["video"] = video(folder, args.video, args.rounds or (1 if smoke else 3))
         if not args.skip_folder:
             variants = [("deepcount-default-engine", "deepcount", None), ("deepcount-eager", "deepcount", "eager")]
             if not smoke:

@@ -133,7 +133,8 @@ def test_end_to_end_smoke(tmp_path):
 
 
 def test_end_to_end_versus_smoke(tmp_path):
-    d = bench("end_to_end", tmp_path, "--skip-latency", "--skip-big", "--skip-folder", "--versus", "1")
+    d = bench("end_to_end", tmp_path, "--skip-latency", "--skip-big", "--skip-folder", "--versus", "1",
+              "--video", "2")
     v = d["versus"]
     assert v["deepcount"]["tiling"] == "features" and v["csrnet"]["inference"].startswith("whole image")
     assert set(v["sets"]) == {"shb", "sha", "mall"}
@@ -143,6 +144,10 @@ def test_end_to_end_versus_smoke(tmp_path):
             assert positive(res[name]["images_per_s"]) and math.isfinite(res[name]["mae"]), (key, name)
     # the bundled DeepCount counts ShanghaiTech B test IMG_1 (23 annotated) within a few people
     assert v["sets"]["shb"]["deepcount"]["mae"] < 5
+    video = d["video"]
+    assert video["frames"] == 2 and video["size"] == [480, 640] and video["density_branch"] == 3
+    assert all(positive(r["frames_per_s"]) for r in video["runs"].values())
+    assert video["count_rel_diff"] < 1e-4  # asking for the map does not change the count
 
 
 def test_bf16_counts_smoke(tmp_path):
