@@ -16,6 +16,13 @@ Decisions:
 * Frame ``i`` of the source (0-based, every frame read counts, counted or not) is at
   ``time_s = i / fps``, ``fps`` as the container reports it; when it reports none (0, NaN, or
   more than 1000 as some live streams do) 25 is assumed, and the summary says so.
+* A counted frame whose decoded pixels equal the last counted frame's (a frozen or paused
+  camera, a stream that repeats frames to fill its rate) takes that frame's result without
+  running the network: the same input gives the same output, so this is exact.  Nothing else
+  is reused between frames: in a real video every pixel moves a little from frame to frame
+  (sensor noise, compression), the frontend's 3x3 convolutions spread any change over their
+  receptive field, and so a feature or a tile reused from an earlier frame would be an
+  approximation, not the frame's count.  ``VideoRun.reused`` says how many frames were reused.
 * Counting alone runs the backbone only.  A density map (the model's finest: branch 1 of a
   DeepCount, the CSRNet map) is computed only when an annotated video is asked for.
 * The annotated video holds *only the counted frames*, each with the density overlay of
@@ -244,6 +251,8 @@ class VideoRun:
         self.frame_count = int(n) if math.isfinite(n) and n > 0 else None
         self.frame_size: tuple[int, int] | None = None
         self.frames_read = 0
+        self.reused = 0  # counted frames equal to the last counted one, which took its result
+        self._last: tuple[np.ndarray, Any] | None = None
         self.counts: list[FrameCount] = []
         self._writer = None
         self._writer_size: tuple[int, int] | None = None
@@ -263,6 +272,8 @@ class VideoRun:
 
     def __iter__(self) -> Iterator[FrameCount]:
         from tqdm import tqdm
+
+        import numpy as np
 
         cv2 = _cv2()
         bar = tqdm(total=self._progress_total(), unit="frame", file=sys.stderr, dynamic_ncols=True,
@@ -284,8 +295,13 @@ class VideoRun:
                 rgb = _to_rgb(cv2, frame)
                 if self.frame_size is None:
                     self.frame_size = rgb.shape[:2]
-                extra = {"regions": self.regions} if self.regions is not None else {}
-                result = self.counter.count(rgb, density=self.branch, **extra)
+                if self._last is not None and np.array_equal(rgb, self._last[0]):
+                    result = self._last[1]  # the same pixels: the same result (exact)
+                    self.reused += 1
+                else:
+                    extra = {"regions": self.regions} if self.regions is not None else {}
+                    result = self.counter.count(rgb, density=self.branch, **extra)
+                    self._last = (rgb, result)
                 inside = None if result.regions is None else {k: v["scaled"] for k, v in result.regions.items()}
                 item = FrameCount(index, index / self.fps, result.count, inside)
                 if self.output is not None:

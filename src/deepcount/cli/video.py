@@ -87,7 +87,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"source          {describe_source(source)}, {run.fps:g} fps{fps_note}"
           + (f", {run.frame_size[1]}x{run.frame_size[0]}" if run.frame_size else ""))
     print(f"frames read     {run.frames_read}")
-    print(f"frames counted  {len(counts)}" + (f" (every {args.every})" if args.every > 1 else ""))
+    print(f"frames counted  {len(counts)}" + (f" (every {args.every})" if args.every > 1 else "")
+          + (f", {run.reused} of them repeats of the frame before, given its result" if run.reused else ""))
     if values:
         print(f"count           mean {sum(values) / len(values):.1f}   "
               f"min {min(values):.1f}   max {max(values):.1f}")
