@@ -18,6 +18,11 @@ frozen-frontend features from the feature cache (computed once in float32, kept 
 by the frozen weights), so models that share a frozen frontend (every CPU-trained one) pay the
 frontend once per test set; those evaluations land in ``<dataset>_test_features_cached/``.  ``--smoke``: the first 2 images of each set, into a temporary
 folder unless ``--results`` says where.
+
+``--split val``: the validation images instead, the 10% (seed 0) that training carves from each
+training set (``deepcount.datasets.train_val_split``, the images ``deepcount train`` validates
+on), into ``<dataset>_val_<tiling>/``: how models are compared and chosen (the bundled default
+among them, docs/RESULTS.md) without looking at a test image.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ def main() -> int:
                    help="registered names or .safetensors files (default: the bundled default; --smoke: the CSRNet baseline)")
     p.add_argument("--dataset", nargs="+", default=["shb"], choices=sorted(DATASETS))
     p.add_argument("--tiling", nargs="+", default=["own"], choices=["own", "features", "pad", "grid"])
+    p.add_argument("--split", default="test", choices=["test", "val"],
+                   help="test: the full test sets (default); val: the validation images training carves from "
+                        "each training set (10%%, seed 0), for choosing between models")
     p.add_argument("--results", default=None, metavar="DIR", help="evaluations folder (default: docs/results; --smoke: a temporary one)")
     p.add_argument("--force", action="store_true", help="run evaluations again that are already there")
     p.add_argument("--limit", type=int, default=None, help="the first N images of each set (default: all; --smoke 2)")
@@ -50,7 +58,7 @@ def main() -> int:
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     run = C.Run("accuracy", args)
-    from deepcount.datasets import load_dataset
+    from deepcount.datasets import load_dataset, train_val_split
     from deepcount.evaluation import evaluate, load_evaluation
     from deepcount.features import FeatureCache
     from deepcount.weights import load_network
@@ -64,7 +72,8 @@ def main() -> int:
         name = str(info.get("name") or Path(spec).stem)
         own = info.get("tiling") or "pad"
         for dataset in args.dataset:
-            data = load_dataset(dataset, None, "test")
+            data = (load_dataset(dataset, None, "test") if args.split == "test"
+                    else train_val_split(load_dataset(dataset, None, "train"), 0.1, seed=0)[1])
             for asked in args.tiling:
                 tiling = own if asked == "own" else asked
                 if tiling == "features" and not getattr(net, "feature_levels", ()):
@@ -77,7 +86,7 @@ def main() -> int:
                         print(f"# {name}: no frozen frontend level in its sidecar, features computed from the images")
                     else:
                         cache = FeatureCache(net, level, precision="fp32")
-                folder = results / name / (f"{dataset}_test_{tiling}{'_cached' if cache else ''}"
+                folder = results / name / (f"{dataset}_{args.split}_{tiling}{'_cached' if cache else ''}"
                                            f"{f'_first{limit}' if limit else ''}"
                                            f"{'_bf16' if args.engine == 'bf16' else ''}")
                 if (folder / "evaluation.json").is_file() and not args.force:
@@ -98,12 +107,13 @@ def main() -> int:
                 rows.append([name, DATASETS[dataset], tiling, count["n"], f"{count['mae']:.2f}", f"{count['rmse']:.2f}",
                              " ".join(f"{k[-1]}:{v['mae']:.2f}" for k, v in sorted(branches.items())) or "-",
                              f"{seconds:.0f}" if seconds is not None else "?", "run" if ran else "found"])
-                records.append({"model": name, "sha256": info.get("sha256"), "dataset": dataset, "tiling": tiling,
+                records.append({"model": name, "sha256": info.get("sha256"), "dataset": dataset, "split": args.split,
+                                "tiling": tiling,
                                 "engine": args.engine, "feature_cache": cache is not None,
                                 "folder": str(folder), "metrics": metrics, "seconds": seconds, "ran": ran})
     run["results"], run["limit"] = str(results), limit
     run["evaluations"] = records
-    C.table(["model", "test set", "tiling", "images", "MAE", "RMSE", "branch MAEs", "seconds", ""], rows,
+    C.table(["model", f"{args.split} set", "tiling", "images", "MAE", "RMSE", "branch MAEs", "seconds", ""], rows,
             title="Accuracy, standard protocol (true count: annotated points), "
                   f"{'bfloat16' if args.engine == 'bf16' else 'float32'}, CPU")
     run.finish()

@@ -224,3 +224,19 @@ def test_accuracy_smoke_writes_each_evaluation_once_and_resumes(tmp_path):
     assert written.is_file() and not list(results.rglob("*.part"))
     again = bench("accuracy", tmp_path, "--results", str(results))
     assert not again["evaluations"][0]["ran"] and again["evaluations"][0]["metrics"] == record["metrics"]
+
+
+def test_accuracy_on_the_validation_split_reads_the_images_training_validates_on(tmp_path, data_root):
+    """--split val: the carved validation images (training's train_val_split, 10%, seed 0), never
+    a test image, into <set>_val_<tiling>/."""
+    from deepcount.datasets import load_dataset, train_val_split
+    from deepcount.evaluation import load_evaluation
+
+    d = bench("accuracy", tmp_path, "--results", str(tmp_path / "results"), "--split", "val")
+    (record,) = d["evaluations"]
+    assert record["split"] == "val" and Path(record["folder"]).name == "shb_val_pad_first2"
+    rows = load_evaluation(Path(record["folder"]) / "evaluation.json")["images"]
+    val = train_val_split(load_dataset("shb", None, "train"), 0.1, seed=0)[1]
+    assert [Path(r["image"]).name for r in rows] == [it.image.name for it in val[:2]]
+    assert all("train_data" in r["image"] for r in rows)
+    assert [r["truth"] for r in rows] == [float(it.count) for it in val[:2]]
