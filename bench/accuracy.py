@@ -58,6 +58,7 @@ def main() -> int:
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     run = C.Run("accuracy", args)
+    from deepcount.config import DataConfig, TrainConfig
     from deepcount.datasets import load_dataset, train_val_split
     from deepcount.evaluation import evaluate, load_evaluation
     from deepcount.features import FeatureCache
@@ -67,13 +68,17 @@ def main() -> int:
     temporary = args.smoke and args.results is None
     results = Path(tempfile.mkdtemp(prefix="accuracy-")) if temporary else Path(args.results or C.REPO / "docs" / "results")
     rows, records = [], []
+    # --split val: what training carves with its default val_fraction and seed
+    fraction, seed = DataConfig.val_fraction, TrainConfig.seed
+    sets = {dataset: load_dataset(dataset, None, "test") if args.split == "test"
+            else train_val_split(load_dataset(dataset, None, "train"), fraction, seed=seed)[1]
+            for dataset in args.dataset}
     for spec in args.model or ["csrnet-baseline" if args.smoke else "default"]:
         net, info = load_network(spec)
         name = str(info.get("name") or Path(spec).stem)
         own = info.get("tiling") or "pad"
         for dataset in args.dataset:
-            data = (load_dataset(dataset, None, "test") if args.split == "test"
-                    else train_val_split(load_dataset(dataset, None, "train"), 0.1, seed=0)[1])
+            data = sets[dataset]
             for asked in args.tiling:
                 tiling = own if asked == "own" else asked
                 if tiling == "features" and not getattr(net, "feature_levels", ()):
