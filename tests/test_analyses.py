@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,40 @@ TINY = ["--model.width", "0.125", "--model.frontend", "none", "--data.limit", "1
         "--trainer.checkpoint_every_n_steps", "1"]
 
 
+@pytest.mark.offline
+def test_a_run_is_not_trained_in_another_precision_than_the_finished_ones(tmp_path, capsys):
+    from deepcount.analyses import check_precisions, precision, run_analyses
+    from deepcount.cli import main
+
+    plan = jobs(tmp_path / "out", BASE, steps=3, only=["baseline"], extra=TINY,
+                evaluations=tmp_path / "evaluations")
+    assert [precision(j) for j in plan] == [("32-true", "fp32")] * 2  # what TINY asks, nothing trained yet
+    check_precisions(plan)  # nothing finished: nothing to compare with
+    # seed 0 finished on a machine with native bf16 (what its kept evaluation records)
+    plan[0].evaluation.mkdir(parents=True)
+    (plan[0].evaluation / "evaluation.json").write_text(json.dumps(
+        {"model": {"config": {"trainer": {"precision": "bf16-mixed"}, "data": {"feature_precision": "bf16"}}}}))
+    assert precision(plan[0]) == ("bf16-mixed", "bf16") and state(plan[1]) == "new"
+    with pytest.raises(ConfigError, match="shb-cpu-baseline-s1 would train in 32-true on fp32 features here, "
+                                          "but the finished runs \\(shb-cpu-baseline-s0\\) trained in bf16-mixed"):
+        run_analyses(plan, progress=False, log=lambda line: None)
+    assert state(plan[1]) == "new" and not plan[1].run_dir.exists()  # refused before any step
+    # asking for the finished runs' precision passes the check (emulated bf16 warns on some CPUs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_precisions(jobs(tmp_path / "out", BASE, steps=3, only=["baseline"],
+                              evaluations=tmp_path / "evaluations",
+                              extra=[*TINY, "--trainer.precision", "bf16-mixed", "--data.feature_precision", "bf16"]))
+    # the dry run says how each run trained or would train here; the real run refuses with exit code 2
+    argv = ["analyses", "--out", str(tmp_path / "out"), "--base", str(BASE), "--steps", "3", "--only", "baseline",
+            "--evaluations", str(tmp_path / "evaluations"), "--", *TINY]
+    assert main([*argv[:1], "--dry-run", *argv[1:]]) == 0
+    out = capsys.readouterr().out
+    assert "evaluated  Tables 7, 8 (PReLU) and 9 (no ablation); trained in bf16-mixed on bf16 features" in out
+    assert "new        Tables 7, 8 (PReLU) and 9 (no ablation); trains here in 32-true on fp32 features" in out
+    assert main(argv) == 2 and "trained in bf16-mixed on bf16 features" in capsys.readouterr().err
+
+
 def test_a_tiny_plan_trains_evaluates_reports_and_resumes(tmp_path, data_root):
     pytest.importorskip("lightning")
     from deepcount.analyses import run_analyses
@@ -105,7 +140,7 @@ def test_a_tiny_plan_trains_evaluates_reports_and_resumes(tmp_path, data_root):
     # the seeds share a cell (mean and range) in Tables 7 and 9; the 3-step seeds differ
     assert "(mean of seeds 0, 1: " in text.split("## Table 9")[1].split("## ")[0]
     t9 = next(line for line in text.split("## Table 9")[1].splitlines() if line.startswith("| Branches 1-5"))
-    assert "[3, 4]" in t9 and "(3 steps)" in text
+    assert "[3, 4]" in t9 and "(3 steps, fp32 training)" in text
     assert results["shb-cpu-baseline-s0"]["metrics"]["count"] != results["shb-cpu-baseline-s1"]["metrics"]["count"]
 
     # a stop: one run lost its weights and evaluation (its checkpoints stayed), one its evaluation

@@ -30,7 +30,7 @@ from typing import Any
 
 from .cache import atomic_path
 
-__all__ = ["PLAN", "Job", "Variant", "jobs", "run_analyses", "state"]
+__all__ = ["PLAN", "Job", "Variant", "check_precisions", "jobs", "precision", "run_analyses", "state"]
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,54 @@ def state(job: Job) -> str:
     return "new"
 
 
+def precision(job: Job) -> tuple[str, str]:
+    """``(trainer.precision, data.feature_precision)`` of ``job``: as its run recorded them once
+    it has trained (its kept evaluation, else its weights' sidecar), else what this machine's
+    ``auto`` makes of them (:func:`deepcount.training.resolve_precisions`)."""
+    for path, inner in ((job.evaluation / "evaluation.json", ("model", "config")),
+                        (job.run_dir / f"{job.name}.json", ("config",))):
+        if path.is_file():
+            config = json.loads(path.read_text(encoding="utf-8"))
+            for key in inner:
+                config = config.get(key) or {}
+            return (str((config.get("trainer") or {}).get("precision", "?")),
+                    str((config.get("data") or {}).get("feature_precision", "?")))
+    from .config import parse_config
+    from .training import resolve_precisions
+
+    cfg = resolve_precisions(parse_config(list(job.argv)))
+    return cfg.trainer.precision, cfg.data.feature_precision
+
+
+def check_precisions(plan: Sequence[Job]) -> None:
+    """Refuse to train a run of ``plan`` in another precision than its finished runs trained in
+    (ConfigError): on a CPU ``auto`` means bf16 where it is native (AVX-512 BF16, AMX) and
+    float32 elsewhere, so a plan carried to another machine would otherwise compare runs of two
+    recipes as if they were one."""
+    import warnings
+
+    from .config import ConfigError
+
+    done = {j.name: precision(j) for j in plan if state(j) in ("evaluated", "trained")}
+    todo = {j.name: precision(j) for j in plan if state(j) in ("new", "partial")}
+    kinds = set(done.values())
+    if len(kinds) > 1:
+        warnings.warn("the finished runs trained in different precisions: "
+                      + "; ".join(f"{n}: {p[0]}, {p[1]} features" for n, p in done.items()), stacklevel=2)
+    if len(kinds) != 1 or not todo:
+        return
+    (steps, features), = kinds
+    apart = {n: p for n, p in todo.items() if p != (steps, features)}
+    if apart:
+        name, (s, f) = next(iter(apart.items()))
+        raise ConfigError(
+            f"{name} would train in {s} on {f} features here, but the finished runs ({', '.join(done)}) trained in "
+            f"{steps} on {features} features: the tables would compare two recipes as one.  Run it where `auto` "
+            f"gives {steps} (bf16 needs AVX-512 BF16 or AMX on a CPU, or a GPU), or ask for it after `--`: "
+            f"--trainer.precision {steps} --data.feature_precision {features} (bf16 on a CPU without it is "
+            "emulated, about 12x slower), or keep these runs apart with another --evaluations folder")
+
+
 def _evaluate(job: Job, split: str, device: str, progress: bool, limit: int | None) -> dict:
     from .config import parse_config
     from .datasets import dataset_root, load_dataset
@@ -162,6 +210,7 @@ def run_analyses(plan: Sequence[Job], *, split: str = "test", device: str = "aut
     from .report import load_runs, report
     from .training import train
 
+    check_precisions(plan)
     for i, job in enumerate(plan, 1):
         now = state(job)
         log(f"[{i}/{len(plan)}] {job.name} ({job.variant.tables}): {now}")

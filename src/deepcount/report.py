@@ -169,10 +169,22 @@ class Run:
             return f"{epochs} epochs"
         return None
 
+    @property
+    def training_precision(self) -> str | None:
+        """The precision it trained in, as its config records it (``bf16``, ``fp32``; ``bf16
+        steps on fp32 features`` when the cached features differ); None when it records none."""
+        trainer, data = self.config.get("trainer") or {}, self.config.get("data") or {}
+        steps = _PRECISION_TEXT.get(str(trainer.get("precision")))
+        if steps is None:
+            return None
+        features = _PRECISION_TEXT.get(str(data.get("feature_precision")), steps)
+        return steps if features == steps else f"{steps} steps on {features} features"
+
     def settings(self, activation: bool = False) -> str:
         """The recipe, tiling, ground truth and anything else that sets this run's numbers apart."""
         model = self.data.get("model") or {}
-        recipe = f"recipe {_recipe(model.get('recipe'))}" + (f" ({self.length})" if self.length else "")
+        how = ", ".join(filter(None, (self.length, self.training_precision and f"{self.training_precision} training")))
+        recipe = f"recipe {_recipe(model.get('recipe'))}" + (f" ({how})" if how else "")
         parts = [recipe, f"tiling {self.data.get('tiling', '?')}", f"truth {_truth(self.data)}"]
         if activation and self.kind == "deepcount" and self.activation != "prelu":
             parts.append(f"activation {self.activation}")
@@ -207,6 +219,11 @@ class Run:
                 + f"; {arch_text}; {DATASET_TEXT.get(self.dataset, self.dataset)} {ds.get('split', '?')}, "
                 + f"{ds.get('evaluated', '?')} of {ds.get('images', '?')} images; {self.settings()}; "
                 + f"deepcount {self.data.get('deepcount_version', '?')}, {self.data.get('timestamp', '?')}")
+
+
+# Lightning's precision names (and the feature cache's) as a reader says them.
+_PRECISION_TEXT = {"bf16-mixed": "bf16", "bf16-true": "bf16", "bf16": "bf16", "32-true": "fp32", "32": "fp32",
+                   "fp32": "fp32", "16-mixed": "fp16", "16-true": "fp16", "64-true": "fp64"}
 
 
 def _recipe(recipe: Any) -> str:

@@ -11,7 +11,7 @@ from .common import add_device_option, positive_int
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..analyses import PLAN, jobs, run_analyses, state
+    from ..analyses import PLAN, jobs, precision, run_analyses, state
     from ..config import ConfigError
     from ..extras import MissingExtraError, require
 
@@ -28,7 +28,10 @@ def _run(args: argparse.Namespace) -> int:
         return 2 if e.code else 0
     if args.dry_run:
         for job in plan:
-            print(f"{job.name:<28} {state(job):<10} {job.variant.tables}\n    deepcount train {' '.join(job.argv)}")
+            steps, features = precision(job)
+            how = "trained" if state(job) in ("evaluated", "trained") else "trains here"
+            print(f"{job.name:<28} {state(job):<10} {job.variant.tables}; {how} in {steps} on {features} features"
+                  f"\n    deepcount train {' '.join(job.argv)}")
         print(f"{len(plan)} runs of {len(PLAN)} variants; evaluations in {plan[0].evaluation.parent if plan else '-'}")
         return 0
     from .common import training_failure
