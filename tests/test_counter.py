@@ -223,6 +223,9 @@ def test_density_by_size_or_branch_number(small: Counter, crop: np.ndarray, crop
     by_size = small.count(crop, density="48x64")
     by_number = small.count(crop, density=1)
     assert np.array_equal(by_size.density.values, by_number.density.values)
+    # True: the model's own map (its finest branch; a bundled model's only one)
+    assert small.picture_branch == 1
+    assert np.array_equal(small.count(crop, density=True).density.values, by_number.density.values)
     assert by_size.density.values.shape == (38, 57)  # 300x450 in 8-pixel cells, the padding's dropped
     assert by_size.density.cell == (8.0, 8.0) and by_size.density.image_size == (300, 450)
     assert by_size.count == crop_count  # the count is the backbone's, map or not

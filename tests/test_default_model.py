@@ -35,6 +35,9 @@ def test_the_default_is_a_trained_deepcount(default):
     assert all(f"{m['mae']:.2f}" in default.description for m in entry.test_metrics.values())
     assert default.tiling == entry.tiling and default.level == entry.feature_level
     assert default.picture_branch in entry.architecture["branches"]
+    # density=True asks for the map the bundled file carries (branch 4: 6x8 cells per 384x512 tile)
+    grey = np.full((384, 512, 3), 128, np.uint8)
+    assert default.count(grey, density=True).density.values.shape == (6, 8)
 
 
 def test_the_default_counts_shanghaitech_b_as_recorded(default, data_root):

@@ -179,7 +179,8 @@ class Counter:
         a PIL image, a NumPy array ((H, W) or (H, W, 1|3|4); uint8, uint16 or float in 0..1)
         or a torch tensor ((3, H, W) or (H, W, 3); uint8 or float in 0..1).  EXIF
         orientation is applied and alpha dropped (see ``deepcount.images.load_image``).
-        ``density`` asks for a density map (branch 1..5 or its size, ``"48x64"``); without it
+        ``density`` asks for a density map: ``True`` for the model's own (:attr:`picture_branch`,
+        the one a bundled model carries), or a branch 1..5 or its size, ``"48x64"``; without it
         only the backbone runs.  An unusable image raises ``ImageLoadError`` naming it.
         ``deadline`` (a ``time.monotonic()`` value): past it, counting stops before its next
         batch of tiles with ``deepcount.tiling.CountTimeout`` (a ``TimeoutError``).
@@ -187,6 +188,10 @@ class Counter:
         also counts inside each, from the density map (``density``'s branch, else the model's
         finest): ``result.regions[name]["scaled"]`` is the region's count.
         """
+        if density is True:
+            if self.picture_branch is None:
+                raise ValueError(f"model {self.name} has no density branch")
+            density = self.picture_branch
         branch = parse_density(density)
         if regions is not None:
             from .regions import as_regions
