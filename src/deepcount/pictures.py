@@ -44,7 +44,7 @@ def _font(size: int) -> ImageFont.ImageFont:
 def _label(picture: Image.Image, text: str) -> None:
     """``text`` in white on a black box in the top-left corner."""
     draw = ImageDraw.Draw(picture)
-    size = max(14, picture.height // 20)
+    size = max(14, picture.height // 32)  # small enough to hide little of the map under it
     font = _font(size)
     box = draw.textbbox((0, 0), text, font=font)
     pad = size // 3
