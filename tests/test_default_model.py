@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from deepcount import Counter
@@ -53,3 +54,28 @@ def test_the_readme_example_counts_what_the_readme_says(default):
     want = recorded(r"on the example photo it prints ([0-9.]+) people", REPO / "README.md")
     got = default.count(REPO / "examples" / "shanghaitech_b_test_IMG_1.jpg").count
     assert round(got, 1) == pytest.approx(want, abs=0.05)
+
+
+def test_pad_tiling_on_a_features_model_warns_and_over_counts_the_padding(default, tmp_path, capsys):
+    """The default was trained on whole-image features; in `pad` the grey padding's features
+    read as people, so asking for `pad` says so (a TilingWarning; the CLI's `warning:` line)."""
+    import warnings
+
+    from deepcount.cli import main
+    from deepcount.tiling import TilingWarning
+
+    with pytest.warns(TilingWarning, match="over-counted"):
+        pad = Counter.load("default", device="cpu", tiling="pad")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Counter.load("default", device="cpu", tiling="grid")  # no padding: no warning
+    # a 480x640 Mall-sized frame is one whole tile and three mostly padded ones
+    frame = np.asarray(Image.open(REPO / "examples" / "shanghaitech_b_test_IMG_1.jpg").convert("RGB"))[:480, :640]
+    assert pad.count(frame).count > default.count(frame).count + 10
+    path = tmp_path / "frame.png"
+    Image.fromarray(frame).save(path)
+    assert main(["count", "--tiling", "pad", "--device", "cpu", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: deepcount-union-cpu was trained on whole-image frontend features" in err
+    assert main(["count", "--device", "cpu", str(path)]) == 0
+    assert "warning" not in capsys.readouterr().err

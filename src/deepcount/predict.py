@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,7 @@ from torch import nn
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from .engines import ENGINES, Engine, Runner, default_batch_size, engine_runner, resolve_device, resolve_engine
 from .model import parse_density
-from .tiling import MODES, DensityMap, count_tiles
+from .tiling import MODES, DensityMap, TilingWarning, count_tiles, tiling_mismatch
 from .weights import DEFAULT_MODEL, load_network
 
 BACKENDS = ("auto", "torch", "onnxruntime")  # onnxruntime: a `deepcount export` file
@@ -76,6 +77,9 @@ class Counter:
         self.tiling = tiling or info.get("tiling", "pad")
         if self.tiling not in MODES:
             raise ValueError(f"tiling must be one of {MODES}, got {self.tiling!r}")
+        mismatch = tiling_mismatch(info.get("tiling"), self.tiling, str(info.get("name", "this model")))
+        if mismatch is not None:
+            warnings.warn(mismatch, TilingWarning, stacklevel=3)
         # tiling `features` cuts the frontend where the model was trained from (its sidecar's
         # feature_level); a DeepCount trained on pixels is cut after conv4_3
         self.level: str | None = None

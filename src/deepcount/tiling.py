@@ -35,6 +35,23 @@ from .model import INPUT_SIZE
 
 TILE_HEIGHT, TILE_WIDTH = INPUT_SIZE
 MODES = ("pad", "grid", "features")
+
+
+class TilingWarning(UserWarning):
+    """A tiling that the model was not trained for and that biases its count."""
+
+
+def tiling_mismatch(trained: str | None, chosen: str, name: str = "this model") -> str | None:
+    """Why counting in tiling ``chosen`` misleads a model trained in tiling ``trained`` (None
+    when it does not).  A model trained on whole-image frontend features (``features``) saw zero
+    features beyond the image; in ``pad`` a tile's padding goes through the frontend as grey
+    pixels, whose features are not zero, and the count head reads them as people."""
+    if trained == "features" and chosen == "pad":
+        return (f"{name} was trained on whole-image frontend features (tiling features); in tiling pad its count "
+                "head reads the padding's grey-pixel features as people, so an image that is not whole 384x512 "
+                "tiles is over-counted (docs/RESULTS.md: on ShanghaiTech A the default's MAE is 102.35 in pad, "
+                "84.24 in features)")
+    return None
 STRIDE = 8  # the frontend's stride: one feature cell is 8x8 pixels
 
 

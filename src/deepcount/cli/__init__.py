@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import os
 import sys
+import warnings
 
 from .. import __version__
 
@@ -31,6 +32,18 @@ COMMANDS = {
     "report": ("report", "the paper's tables (2, 3, 4, 7, 8, 9) with evaluation runs beside them"),
     "analyses": ("analyses", "rerun the paper's Tables 7, 8 and 9: train, evaluate, report (resumable)"),
 }
+
+
+_python_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The library's warnings meant for the user (a misleading tiling) as the commands' own
+    ``warning:`` lines; any other warning as Python shows it."""
+    if category.__module__.startswith("deepcount.") and category.__name__ == "TilingWarning":
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_parser(name, help=line, add_help=False)
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except BrokenPipeError:  # whoever read stdout went away (`deepcount models | head -3`)
         with contextlib.suppress(OSError, ValueError, AttributeError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
