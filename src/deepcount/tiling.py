@@ -49,8 +49,7 @@ def tiling_mismatch(trained: str | None, chosen: str, name: str = "this model") 
     if trained == "features" and chosen == "pad":
         return (f"{name} was trained on whole-image frontend features (tiling features); in tiling pad its count "
                 "head reads the padding's grey-pixel features as people, so an image that is not whole 384x512 "
-                "tiles is over-counted (docs/RESULTS.md: on ShanghaiTech A the default's MAE is 102.35 in pad, "
-                "84.24 in features)")
+                "tiles is over-counted (docs/RESULTS.md measures each tiling); leave the tiling to the model")
     return None
 STRIDE = 8  # the frontend's stride: one feature cell is 8x8 pixels
 
