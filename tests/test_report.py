@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,7 +14,7 @@ from deepcount.cli import main
 from deepcount.datasets import CrowdDataset, shanghaitech
 from deepcount.evaluation import evaluate
 from deepcount.model import DeepCount
-from deepcount.report import PAPER_TABLE7_FLOPS, branch_flops, load_runs, report
+from deepcount.report import PAPER_TABLE7_FLOPS, branch_flops, load_runs, paired_difference, report
 
 BRANCHES = [1, 2, 3, 4, 5]
 OFFICIAL_GT = {"name": "official", "sigma": 10.0, "kernel_size": 49, "keep_mass": False, "kernel": 49,
@@ -185,6 +186,46 @@ def test_runs_that_differ_only_by_seed_share_a_cell_with_their_spread(tmp_path):
     assert row[-1] == "7.50 / 15.00 (mean of seeds 0, 1: 7.00-8.00) [1, 2]"
     assert row[0] == "8.50 / 17.00 (mean of seeds 0, 1: 8.00-9.00) [1, 2]"  # branch 1: MAE + 1
     assert "base-s1 (sha256" in text and ", seed 1;" in text
+
+
+@pytest.mark.offline
+def test_variants_are_paired_with_the_baseline_image_by_image(tmp_path):
+    images = [f"IMG_{i}.jpg" for i in range(1, 51)]
+    truth = np.arange(50.0, 100.0)
+
+    def run(name: str, errors: np.ndarray, seed: int, **kw) -> dict:
+        data = evaluation_json("shb", float(np.abs(errors).mean()), name=name, recipe="cpu", seed=seed, steps=700,
+                               images=50, **kw)
+        data["per_image"] = {"image": images, "truth": truth.tolist(), "count": (truth + errors).tolist()}
+        return data
+
+    ones = np.ones(50)
+    runs = {"a.json": run("base-s0", 2 * ones, 0), "b.json": run("base-s1", -4 * ones, 1),  # |e| 2 and 4: mean 3
+            "c.json": run("none-s0", 5 * ones, 0, branches=[]),  # |e| 5: 2 worse on every image
+            "d.json": run("relu-s0", np.where(np.arange(50) < 25, 1.0, 5.0), 0, activation="relu"),
+            "e.json": run("long", ones, 0, branches=[]) | {"dataset": {"name": "shb", "split": "test",
+                                                                       "images": 50, "evaluated": 50}}}
+    runs["e.json"]["model"]["config"]["trainer"]["max_steps"] = 1400  # another recipe: not paired
+    for name, data in runs.items():
+        (tmp_path / name).write_text(json.dumps(data))
+    text = report(load_runs([tmp_path])[0])
+    rows = table(text, "Variants against the baseline")
+    assert rows["Run"] == ["Images", "MAE minus the baseline's", "95% interval", "[n]"]
+    assert rows["baseline: recipe cpu (700 steps), tiling pad, truth points"] == ["50", "0", "-", "[1] [2]"]
+    assert rows["PReLU, all branches: seed 1 against seed 0 (the yardstick)"] == ["50", "+2.00", "+2.00 to +2.00", ""]
+    assert rows["Branches 1-5 detached, seed 0"] == ["50", "+2.00", "+2.00 to +2.00", "[3]"]
+    relu = rows["ReLU, no ablation, seed 0"]  # 2 better on half the images, 2 worse on the other half
+    low, high = (float(x) for x in relu[2].split(" to "))
+    assert relu[:2] == ["50", "+0.00"] and -1.0 < low < 0 < high < 1.0
+    assert len(rows) == 5  # the 1,400-step run has no baseline of its own
+    # the interval is the bootstrap's: on normal differences it is the mean +- 1.96 standard errors
+    diff = np.random.default_rng(1).normal(1.0, 1.0, 400)
+    mean, low, high = paired_difference(diff, np.zeros(400))
+    half = 1.96 * diff.std() / np.sqrt(400)
+    assert mean == pytest.approx(diff.mean()) and low == pytest.approx(mean - half, abs=0.02)
+    assert high == pytest.approx(mean + half, abs=0.02)
+    with pytest.raises(ValueError, match="same non-empty"):
+        paired_difference([], [])
 
 
 @pytest.mark.offline

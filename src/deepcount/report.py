@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .datasets import registry_name
 
 __all__ = ["PAPER_TABLE2", "PAPER_TABLE3", "PAPER_TABLE4", "PAPER_TABLE7", "PAPER_TABLE7_FLOPS",
@@ -511,6 +513,85 @@ def table9(runs: Sequence[Run]) -> list[str]:
         extra_label=_detached_text)
 
 
+def _absolute_errors(run: Run) -> dict[str, float] | None:
+    """The backbone's absolute error per image: from an evaluation's rows, or from the
+    ``per_image`` columns that ``deepcount analyses`` keeps (None when it has neither)."""
+    kept = run.data.get("per_image")
+    if isinstance(kept, dict) and {"image", "truth", "count"} <= set(kept):
+        return {i: abs(float(c) - float(t)) for i, t, c in zip(kept["image"], kept["truth"], kept["count"])}
+    rows = run.data.get("images")
+    if isinstance(rows, list) and rows and all("truth" in r and "count" in r for r in rows):
+        return {r["image"]: abs(float(r["count"]) - float(r["truth"])) for r in rows}
+    return None
+
+
+PAIRED_RESAMPLES = 10_000
+
+
+def paired_difference(errors: Sequence[float], reference: Sequence[float], resamples: int = PAIRED_RESAMPLES,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """The MAE of ``errors`` minus that of ``reference`` (absolute errors on the same images, in
+    the same order) and its 95% bootstrap interval over the images (percentile, ``resamples``
+    resamples of the images, generator seeded with ``seed``)."""
+    diff = np.asarray(errors, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
+    if diff.ndim != 1 or diff.size == 0:
+        raise ValueError("paired_difference needs the same non-empty list of images on both sides")
+    picks = np.random.default_rng(seed).integers(0, diff.size, (resamples, diff.size))
+    low, high = np.percentile(diff[picks].mean(axis=1), [2.5, 97.5])
+    return float(diff.mean()), float(low), float(high)
+
+
+def paired_table(runs: Sequence[Run]) -> list[str]:
+    """Not a paper table: Tables 8 and 9's variants against their baseline image by image.
+
+    The baseline is every Shanghai Tech Part B run with all five branches and PReLU (the
+    paper's model; several seeds are averaged image by image); a variant is any other
+    DeepCount run on the same images under the same settings (recipe, steps, precision,
+    tiling).  Each row: the variant's MAE minus the baseline's, with the 95% bootstrap interval
+    over the test images.  The interval covers which images the test set happens to hold, not
+    which seed trained the run; the baseline seeds' own row is the yardstick for that."""
+    base = [r for r in runs if r.dataset == "shb" and r.is_main_deepcount and r.activation == "prelu"]
+    by_label: dict[str, list[Run]] = {}
+    for r in base:
+        by_label.setdefault(r.settings(), []).append(r)
+    rows = []
+    for label, group in by_label.items():
+        errors = [e for r in group if (e := _absolute_errors(r)) is not None]
+        if not errors or any(e.keys() != errors[0].keys() for e in errors):
+            continue
+        images = sorted(errors[0])
+        reference = np.mean([[e[i] for i in images] for e in errors], axis=0)
+        seeds = sorted(((r.seed, e) for r, e in zip(group, errors) if r.seed is not None), key=lambda x: x[0])
+        if len(seeds) >= 2 and seeds[0][0] != seeds[-1][0]:
+            (s0, e0), (s1, e1) = seeds[0], seeds[-1]
+            d, lo, hi = paired_difference([e1[i] for i in images], [e0[i] for i in images])
+            rows.append([f"PReLU, all branches: seed {s1} against seed {s0} (the yardstick)", str(len(images)),
+                         f"{d:+.2f}", f"{lo:+.2f} to {hi:+.2f}", ""])
+        for r in runs:
+            if r in group or r.dataset != "shb" or r.kind != "deepcount" or r.settings() != label:
+                continue
+            e = _absolute_errors(r)
+            if e is None or e.keys() != errors[0].keys():
+                continue
+            d, lo, hi = paired_difference([e[i] for i in images], reference)
+            what = _detached_text(tuple(b for b in ALL if b not in r.branches))
+            what = f"{'ReLU' if r.activation == 'relu' else r.activation}, {what[0].lower()}{what[1:]}" \
+                if r.activation != "prelu" else what
+            rows.append([f"{what}" + (f", seed {r.seed}" if r.seed is not None else ""), str(len(images)),
+                         f"{d:+.2f}", f"{lo:+.2f} to {hi:+.2f}", f"[{r.index}]"])
+        if rows:
+            rows.insert(0, [f"baseline: {label}", str(len(images)), "0", "-",
+                            " ".join(f"[{r.index}]" for r in group)])
+    if not rows:
+        return []
+    return ["## Variants against the baseline, image by image (not a paper table)", "",
+            "Backbone MAE of each run minus the baseline's (PReLU, all five branches; several seeds averaged "
+            "image by image) on the same Shanghai Tech Part B images, with a 95% bootstrap interval over the "
+            f"images ({PAIRED_RESAMPLES:,} resamples, seed 0).  The interval covers the choice of test images, "
+            "not the training seed: the baseline seeds' row says how far two seeds of one recipe land apart.", "",
+            *_table(["Run", "Images", "MAE minus the baseline's", "95% interval", "[n]"], rows), ""]
+
+
 def settings_table(runs: Sequence[Run]) -> list[str]:
     """Not a paper table: the same weights on the same data under different tiling / ground
     truth, side by side (shown only when some weights were evaluated more than one way)."""
@@ -544,7 +625,7 @@ def report(runs: Sequence[Run]) -> str:
     lines = ["# DeepCount: the paper's tables and this repository's runs", "",
              f"{PAPER_NOTE} Every number of this repo names its settings in its row or column and "
              f"links its run, [n], listed at the end. {DASH}: no run.", ""]
-    for part in (table2, table3, table4, table7, table8, table9, settings_table):
+    for part in (table2, table3, table4, table7, table8, table9, paired_table, settings_table):
         lines += part(runs)
     lines += ["## Runs", ""]
     lines += [f"{r.index}. {r.describe()}" for r in runs] or ["(none)"]
