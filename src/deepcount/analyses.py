@@ -169,7 +169,7 @@ def check_precisions(plan: Sequence[Job]) -> None:
             f"{steps} on {features} features: the tables would compare two recipes as one.  Run it where `auto` "
             f"gives {steps} (bf16 needs AVX-512 BF16 or AMX on a CPU, or a GPU), or ask for it after `--`: "
             f"--trainer.precision {steps} --data.feature_precision {features} (bf16 on a CPU without it is "
-            "emulated, about 12x slower), or keep these runs apart with another --evaluations folder")
+            "emulated, 10-120x slower), or keep these runs apart with another --evaluations folder")
 
 
 def _evaluate(job: Job, split: str, device: str, progress: bool, limit: int | None) -> dict:

@@ -122,7 +122,7 @@ class DataConfig:
     into padding with zero targets: the network learns that padding holds nobody"""
     feature_precision: Literal["auto", "fp32", "bf16"] = "auto"
     """how cached frontend features are computed; auto: bf16 where the training device computes it
-    natively (a GPU, an AVX-512 CPU), else fp32 (emulated bf16 is ~12x slower)"""
+    natively (a GPU, an AVX-512 CPU), else fp32 (emulated bf16 is 10-120x slower)"""
     feature_cache: str | None = None
     """folder of the feature cache; null: the user cache"""
     val_batch_size: int | None = None

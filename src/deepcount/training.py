@@ -647,7 +647,7 @@ def resolve_precisions(cfg: TrainConfig) -> TrainConfig:
     asked = [name for name, value in (("trainer.precision", t.precision), ("data.feature_precision", d.feature_precision))
              if value != "auto" and "bf16" in str(value)]
     if asked and not native:
-        warnings.warn(f"{' and '.join(asked)} ask for bf16, which this {device} only emulates (about 12x "
+        warnings.warn(f"{' and '.join(asked)} ask for bf16, which this {device} only emulates (10-120x "
                       "slower than float32 on an AVX2 CPU): set them to auto or fp32 / 32-true", stacklevel=2)
     return replace(cfg, trainer=trainer, data=data)
 
