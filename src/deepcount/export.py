@@ -748,8 +748,8 @@ def quantize_int8(path: str | os.PathLike, output: str | os.PathLike, images: Se
     onnxruntime's static quantization (``quantize_static``, QDQ format): int8 weights per output
     channel in a 7-bit range (``reduce_range``: on x86 CPUs without VNNI, onnxruntime's uint8 x
     int8 products saturate with full-range weights; on a 2-core AVX2 EPYC a test frontend's
-    features moved by 11% with them, by under 5% without), uint8 activations whose ranges are the minimum and maximum seen while counting
-    ``images`` (calibration: give training images, never the test images the result is judged
+    features moved by 11% with them, by under 5% without), uint8 activations whose ranges are
+    the minimum and maximum seen while counting ``images`` (calibration: give training images, never the test images the result is judged
     on).  The frontend file's convolutions are all quantized; of the count graph's, the first
     ``count_convs`` in graph order (None: all).  Later ones are left in float32 where their
     inputs' ranges are too wide for 256 levels: on the ShanghaiTech B model, quantizing one

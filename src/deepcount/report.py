@@ -556,32 +556,32 @@ def paired_table(runs: Sequence[Run]) -> list[str]:
         by_label.setdefault(r.settings(), []).append(r)
     rows = []
     for label, group in by_label.items():
-        errors = [e for r in group if (e := _absolute_errors(r)) is not None]
-        if not errors or any(e.keys() != errors[0].keys() for e in errors):
+        paired = [(r, e) for r in group if (e := _absolute_errors(r)) is not None]
+        if not paired or any(e.keys() != paired[0][1].keys() for _, e in paired):
             continue
-        images = sorted(errors[0])
-        reference = np.mean([[e[i] for i in images] for e in errors], axis=0)
-        seeds = sorted(((r.seed, e) for r, e in zip(group, errors) if r.seed is not None), key=lambda x: x[0])
+        images = sorted(paired[0][1])
+        reference = np.mean([[e[i] for i in images] for _, e in paired], axis=0)
+        block = [[f"baseline: {label}", str(len(images)), "0", "-", " ".join(f"[{r.index}]" for r, _ in paired)]]
+        seeds = sorted(((r.seed, e) for r, e in paired if r.seed is not None), key=lambda x: x[0])
         if len(seeds) >= 2 and seeds[0][0] != seeds[-1][0]:
             (s0, e0), (s1, e1) = seeds[0], seeds[-1]
             d, lo, hi = paired_difference([e1[i] for i in images], [e0[i] for i in images])
-            rows.append([f"PReLU, all branches: seed {s1} against seed {s0} (the yardstick)", str(len(images)),
-                         f"{d:+.2f}", f"{lo:+.2f} to {hi:+.2f}", ""])
+            block.append([f"PReLU, all branches: seed {s1} against seed {s0} (the yardstick)", str(len(images)),
+                          f"{d:+.2f}", f"{lo:+.2f} to {hi:+.2f}", ""])
         for r in runs:
             if r in group or r.dataset != "shb" or r.kind != "deepcount" or r.settings() != label:
                 continue
             e = _absolute_errors(r)
-            if e is None or e.keys() != errors[0].keys():
+            if e is None or e.keys() != paired[0][1].keys():
                 continue
             d, lo, hi = paired_difference([e[i] for i in images], reference)
             what = _detached_text(tuple(b for b in ALL if b not in r.branches))
-            what = f"{'ReLU' if r.activation == 'relu' else r.activation}, {what[0].lower()}{what[1:]}" \
-                if r.activation != "prelu" else what
-            rows.append([f"{what}" + (f", seed {r.seed}" if r.seed is not None else ""), str(len(images)),
-                         f"{d:+.2f}", f"{lo:+.2f} to {hi:+.2f}", f"[{r.index}]"])
-        if rows:
-            rows.insert(0, [f"baseline: {label}", str(len(images)), "0", "-",
-                            " ".join(f"[{r.index}]" for r in group)])
+            if r.activation != "prelu":
+                what = f"{'ReLU' if r.activation == 'relu' else r.activation}, {what[0].lower()}{what[1:]}"
+            block.append([what + (f", seed {r.seed}" if r.seed is not None else ""), str(len(images)),
+                          f"{d:+.2f}", f"{lo:+.2f} to {hi:+.2f}", f"[{r.index}]"])
+        if len(block) > 1:
+            rows += block
     if not rows:
         return []
     return ["## Variants against the baseline, image by image (not a paper table)", "",
