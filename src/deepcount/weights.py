@@ -279,7 +279,8 @@ REGISTRY: dict[str, ModelEntry] = {
         recipe="CSRNet-pytorch",
         tiling="pad",
         test_metrics={"shb": {"mae": 28.03, "rmse": 36.29, "images": 316, "tiling": "pad"},
-                      "sha": {"mae": 74.43, "rmse": 117.26, "images": 182, "tiling": "pad"}},
+                      "sha": {"mae": 74.43, "rmse": 117.26, "images": 182, "tiling": "pad"},
+                      "mall": {"mae": 3.79, "rmse": 4.59, "images": 1200, "tiling": "pad"}},
         from_wheel=True,
     ),
     "deepcount-union-cpu": ModelEntry(
