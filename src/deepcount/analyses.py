@@ -128,15 +128,16 @@ def precision(job: Job) -> tuple[str, str]:
     """``(trainer.precision, data.feature_precision)`` of ``job``: as its run recorded them once
     it has trained (its kept evaluation, else its weights' sidecar), else what this machine's
     ``auto`` makes of them (:func:`deepcount.training.resolve_precisions`)."""
+    from .config import parse_config, recorded_precisions
+
     for path, inner in ((job.evaluation / "evaluation.json", ("model", "config")),
                         (job.run_dir / f"{job.name}.json", ("config",))):
         if path.is_file():
             config = json.loads(path.read_text(encoding="utf-8"))
             for key in inner:
                 config = config.get(key) or {}
-            return (str((config.get("trainer") or {}).get("precision", "?")),
-                    str((config.get("data") or {}).get("feature_precision", "?")))
-    from .config import parse_config
+            steps, features = recorded_precisions(config)
+            return steps or "?", features or "?"
     from .training import resolve_precisions
 
     cfg = resolve_precisions(parse_config(list(job.argv)))

