@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from deepcount import Counter, CountResult
+from deepcount import Counter, CountResult, progress
 from deepcount.cli import main
 from deepcount.cli.count import density_names, expand_paths
 from deepcount.datasets import DATASET_NAMES
@@ -238,19 +238,30 @@ def test_max_pixels_option(tree: Path, small_file: Path, capsys):
         assert code == 0 and out.splitlines()[1].split()[:4][2:] == ["1", "300x450"]
 
 
-def test_progress_bar_on_a_terminal_only(tree: Path, small_file: Path, monkeypatch, capsys):
+def test_progress_bar_on_a_terminal_and_in_a_long_run_s_log(tree: Path, small_file: Path, monkeypatch, capsys):
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
             return True
 
     image = tree / "a" / "IMG_1.jpg"
-    for quiet, shown in (([], True), (["--quiet"], False)):
-        term = Terminal()
-        monkeypatch.setattr(sys, "stderr", term)
+    for stream, quiet, shown in ((Terminal, [], True), (Terminal, ["--quiet"], False), (io.StringIO, [], False)):
+        err = stream()
+        monkeypatch.setattr(sys, "stderr", err)
         assert main(["count", "--model", str(small_file), str(image), *quiet]) == 0
-        text = term.getvalue()
+        text = err.getvalue()
         assert text.startswith("model: small")
         assert ("1/1" in text and "100%" in text) is shown, text
+        assert ("\r" in text) is shown  # a log never gets in-place redraws
+    # a log gets whole lines once the work has lasted progress.LOG_DELAY (here: at once)
+    monkeypatch.setattr(progress, "LOG_DELAY", 0.0)
+    monkeypatch.setattr(progress, "LOG_INTERVAL", 0.0)
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    assert main(["count", "--model", str(small_file), str(image), str(tree / "b" / "IMG_1.jpg")]) == 0
+    lines = err.getvalue().splitlines()
+    assert "\r" not in err.getvalue()
+    assert [line.split("|")[0].strip() for line in lines[1:]] == ["0%", "50%", "100%"], lines
+    assert "2/2" in lines[-1]
     assert "IMG_1.jpg" in capsys.readouterr().out
 
 

@@ -223,7 +223,7 @@ def count_archive(paths: Iterable[str | os.PathLike], out: str | os.PathLike, mo
     failed += len(error_rows)
     try:
         if todo:
-            from tqdm import tqdm
+            from .progress import progress_bar
 
             started_here = not ray.is_initialized()
             if started_here:
@@ -242,7 +242,7 @@ def count_archive(paths: Iterable[str | os.PathLike], out: str | os.PathLike, mo
                                            "threads": threads_per_worker, "backend": backend},
                     compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=threads_per_worker,
                     num_gpus=1 if str(device).startswith("cuda") else 0)
-                with tqdm(total=len(todo), unit="image", disable=not progress, dynamic_ncols=True) as bar:
+                with progress_bar(total=len(todo), enabled=progress, unit="image") as bar:
                     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                         for row in batch.to_pylist():
                             pending.append(row)

@@ -625,12 +625,11 @@ def unreadable_images(dataset: Sequence[AnnotatedImage], max_pixels: int | None 
     """Every image of ``dataset`` that cannot be used, each with the reason: its header and
     its pixels are read once (a training run checks this before it starts, so one bad file
     never stops it mid-run)."""
-    from tqdm import tqdm
-
     from .images import ImageLoadError
+    from .progress import progress_bar
 
     bad = []
-    for item in tqdm(dataset, desc="checking images", unit="image", disable=not progress or len(dataset) < 50):
+    for item in progress_bar(dataset, enabled=progress and len(dataset) >= 50, desc="checking images", unit="image"):
         try:
             image_size(item.image)
             load_image(item.image, max_pixels=max_pixels)

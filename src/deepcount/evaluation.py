@@ -48,7 +48,6 @@ import csv
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -472,10 +471,10 @@ def evaluate(model: nn.Module | str | os.PathLike, dataset: Sequence[AnnotatedIm
             variants, :mod:`deepcount.analyses`) then share the frontend's work.
     """
     import torch
-    from tqdm import tqdm
 
     from .engines import default_batch_size, engine_runner, resolve_device
     from .model import MAP_SIZES, architecture
+    from .progress import progress_bar
     from .weights import load_network
     from .tiling import MODES, count_tiles
 
@@ -541,7 +540,7 @@ def evaluate(model: nn.Module | str | os.PathLike, dataset: Sequence[AnnotatedIm
 
     rows: list[ImageRow] = []
     start = time.perf_counter()
-    bar = tqdm(items, unit="image", file=sys.stderr, dynamic_ncols=True, disable=None if progress else True)
+    bar = progress_bar(items, enabled=progress, unit="image")
     try:
         with torch.inference_mode():
             for item in bar:

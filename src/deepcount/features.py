@@ -196,12 +196,12 @@ class FeatureCache:
     def build(self, images: Sequence[str | os.PathLike], mirror: bool = True, desc: str = "frontend features",
               progress: bool = True) -> None:
         """Make sure every image (and its mirror when ``mirror``) is cached, with a progress bar."""
-        from tqdm import tqdm
+        from .progress import progress_bar
 
         jobs = [(p, m) for p in images for m in ((False, True) if mirror else (False,))]
         todo = [(p, m) for p, m in jobs if not self.path(p, m).exists()]
-        for p, m in tqdm(todo, desc=f"{desc} ({self.level}, {self.precision})", unit="image",
-                         disable=not progress or not todo):
+        for p, m in progress_bar(todo, enabled=progress and bool(todo), unit="image",
+                                 desc=f"{desc} ({self.level}, {self.precision})"):
             self.get(p, m)
 
 

@@ -332,12 +332,12 @@ class CrowdDataModule(L.LightningDataModule if L is not None else object):  # ty
 
     def device_images(self, device: torch.device) -> list[Tensor]:
         """Every training image decoded once, as (H, W, 3) uint8 tensors on ``device``."""
-        from tqdm import tqdm
+        from .progress import progress_bar
 
         assert self.crops is not None, "setup() first"
         n = len(self.crops.dataset)
         return [torch.from_numpy(self.crops.image(i)).to(device)
-                for i in tqdm(range(n), desc="images to device", disable=n < 50)]
+                for i in progress_bar(range(n), enabled=n >= 50, desc="images to device")]
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         assert self.crops is not None, "setup() first"

@@ -271,13 +271,12 @@ class VideoRun:
         return min(known) if known else None
 
     def __iter__(self) -> Iterator[FrameCount]:
-        from tqdm import tqdm
-
         import numpy as np
 
+        from .progress import progress_bar
+
         cv2 = _cv2()
-        bar = tqdm(total=self._progress_total(), unit="frame", file=sys.stderr, dynamic_ncols=True,
-                   disable=None if self.progress else True)  # None: off when not a TTY
+        bar = progress_bar(total=self._progress_total(), enabled=self.progress, unit="frame")
         try:
             while self.max_frames is None or len(self.counts) < self.max_frames:
                 index = self.frames_read

@@ -254,6 +254,7 @@ def _count_images(args: argparse.Namespace) -> int:
     from ..archive import ROW_FIELDS, count_file
     from ..images import ImageLoadError
     from ..engines import resolve_device
+    from ..progress import progress_bar
     from ..predict import Counter
     from .common import region_option
 
@@ -356,8 +357,7 @@ def _count_images(args: argparse.Namespace) -> int:
         seconds = 0.0
         counted = failed = 0
         interrupted = False
-        bar = tqdm(total=len(items), unit="image", file=sys.stderr, dynamic_ncols=True,
-                   disable=args.quiet or not sys.stderr.isatty())
+        bar = progress_bar(total=len(items), enabled=not args.quiet, unit="image")
         try:
             for it in items:
                 row = {**dict.fromkeys(ROW_FIELDS), "source": it.label, "status": "error", "error": it.error or ""}
@@ -447,7 +447,7 @@ def _count_on_ray(args: argparse.Namespace, fail) -> int:
                                 batch_size=args.batch_size, max_pixels=args.max_pixels or None,
                                 device=args.device if args.device != "auto" else "cpu", backend=args.backend,
                                 fmt=args.out_format, address=args.ray_address, errors=errors,
-                                progress=not args.quiet and sys.stderr.isatty())
+                                progress=not args.quiet)
     except (ArchiveError, MissingExtraError) as e:
         return fail(str(e))
     except KeyboardInterrupt:
