@@ -44,15 +44,14 @@ def _is_terminal(stream: Any) -> bool:
         return False
 
 
-def progress_bar(iterable: Iterable | None = None, *, enabled: bool = True, stream: TextIO | None = None,
-                 **kwargs: Any) -> Any:
-    """A ``tqdm`` over ``iterable`` (or with ``total=``) writing to ``stream`` (stderr): in place on
-    a terminal, elsewhere as a line every :data:`LOG_INTERVAL` seconds once the work has lasted
+def progress_bar(iterable: Iterable | None = None, *, enabled: bool = True, **kwargs: Any) -> Any:
+    """A ``tqdm`` over ``iterable`` (or with ``total=``) on stderr: in place on a terminal,
+    elsewhere as a line every :data:`LOG_INTERVAL` seconds once the work has lasted
     :data:`LOG_DELAY`; nothing at all when not ``enabled``.  ``kwargs`` go to tqdm (``desc``,
     ``unit``, ``total``)."""
     from tqdm import tqdm
 
-    stream = sys.stderr if stream is None else stream
+    stream = sys.stderr
     if not enabled:
         return tqdm(iterable, disable=True, **kwargs)
     if _is_terminal(stream):
