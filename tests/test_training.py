@@ -4,6 +4,7 @@ writes its checkpoints, logs and checksummed inference weights, and bad configs 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -323,6 +324,29 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path, shb_root, cap
     err = capsys.readouterr().err
     assert "non-finite loss" in err and "at step" in err and "recipe.lr" in err
     assert not (tmp_path / "nan" / "nan.safetensors").exists()
+
+
+def test_the_training_bar_writes_whole_lines_in_a_log(tmp_path, shb_root, capsys, monkeypatch):
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from deepcount import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdout", Terminal())  # on a terminal: Lightning's own bar, redrawn in place
+    assert type(progress.training_progress_bar()) is TQDMProgressBar
+    monkeypatch.undo()
+    os.environ.setdefault("DEEPCOUNT_DATA", str(shb_root.parent))
+    monkeypatch.setattr(progress, "LOG_INTERVAL", 3600.0)
+    train(small(tmp_path, "bar", 3, 3, None, "--trainer.progress_bar", "true"))  # one epoch of 3 steps
+    out = capsys.readouterr().out  # captured: not a terminal, as under nohup
+    assert "\r" not in out and "\x1b" not in out  # no redraws, no cursor moves
+    epoch = [line for line in out.splitlines() if line.startswith("Epoch 0:")]
+    # the epoch's start, its first step, then nothing for LOG_INTERVAL, and its last step
+    assert [line.split("|")[0] for line in epoch] == ["Epoch 0:   0%", "Epoch 0:  33%", "Epoch 0: 100%"], out
+    assert "3/3" in epoch[-1] and "train/loss=" in epoch[-1]
 
 
 def test_csrnet_baseline_and_detached_branches_train(tmp_path, shb_root):

@@ -705,6 +705,10 @@ def make_trainer(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Any:
         from torch.optim.swa_utils import get_ema_multi_avg_fn
 
         callbacks = [*callbacks, WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(cfg.recipe.ema_decay))]
+    if t.progress_bar:  # Lightning's bar, as whole lines now and then in a log (deepcount.progress)
+        from .progress import training_progress_bar
+
+        callbacks = [*callbacks, training_progress_bar()]
     return L.Trainer(
         default_root_dir=run, max_epochs=t.max_epochs, max_steps=t.max_steps, accelerator=t.accelerator,
         devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=_precision(t),
