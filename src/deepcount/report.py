@@ -178,7 +178,7 @@ class Run:
         steps on fp32 features`` when the cached features differ); None when it records none."""
         from .config import recorded_precisions
 
-        steps, features = (_PRECISION_TEXT.get(str(p)) for p in recorded_precisions(self.config))
+        steps, features = (_PRECISION_TEXT.get(p) if p else None for p in recorded_precisions(self.config))
         if steps is None:
             return None
         features = features or steps
