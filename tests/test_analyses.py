@@ -160,3 +160,8 @@ def test_a_tiny_plan_trains_evaluates_reports_and_resumes(tmp_path, data_root):
     again_results = {j.name: json.loads((j.evaluation / "evaluation.json").read_text())["metrics"] for j in plan}
     assert again_results == {n: r["metrics"] for n, r in results.items()}
     assert again.split("## Runs")[0] == text.split("## Runs")[0]
+    # a part of the plan (--only) trains nothing already done, and its report keeps every run
+    lines.clear()
+    part = run_analyses(plan[2:], progress=False, limit=3, log=lines.append, report_of=plan)
+    assert not any("evaluating" in line for line in lines) and part == again
+    assert plan[0].name in part and plan[0].name not in run_analyses(plan[2:], progress=False, limit=3, log=print)

@@ -203,10 +203,13 @@ def _evaluate(job: Job, split: str, device: str, progress: bool, limit: int | No
 
 
 def run_analyses(plan: Sequence[Job], *, split: str = "test", device: str = "auto", progress: bool = True,
-                 limit: int | None = None, log: Callable[[str], Any] = print) -> str:
+                 limit: int | None = None, log: Callable[[str], Any] = print,
+                 report_of: Sequence[Job] | None = None) -> str:
     """Train and evaluate what ``plan`` still lacks (resuming where runs stopped); returns the
-    report of every evaluation (:func:`deepcount.report.report`).  ``limit``: evaluate the
-    first ``limit`` images of the split only (a trial: the report says how many)."""
+    report (:func:`deepcount.report.report`) of every evaluated run of ``report_of`` (default:
+    ``plan``; the whole plan when ``plan`` is a part of it, so that a report written after a
+    part is run still holds the runs finished before).  ``limit``: evaluate the first ``limit``
+    images of the split only (a trial: the report says how many)."""
     from .config import parse_config
     from .report import load_runs, report
     from .training import train
@@ -222,7 +225,8 @@ def run_analyses(plan: Sequence[Job], *, split: str = "test", device: str = "aut
             log(f"[{i}/{len(plan)}] {job.name}: evaluating on the {split} split")
             m = _evaluate(job, split, device, progress, limit)
             log(f"[{i}/{len(plan)}] {job.name}: MAE {m['mae']:.2f}, RMSE {m['rmse']:.2f} ({job.evaluation})")
-    runs, problems = load_runs([j.evaluation for j in plan if state(j) == "evaluated"], strict=False)
+    runs, problems = load_runs([j.evaluation for j in (plan if report_of is None else report_of)
+                                if state(j) == "evaluated"], strict=False)
     if problems:
         raise ValueError("; ".join(problems))
     return report(runs)

@@ -21,6 +21,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         require("train", "jsonargparse", "yaml")
         plan = jobs(args.out, args.base, args.ablations, args.steps, args.only or (), extra, args.evaluations)
+        whole = jobs(args.out, args.base, args.ablations, args.steps, (), extra, args.evaluations)
     except (ConfigError, MissingExtraError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -38,7 +39,7 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         text = run_analyses(plan, split=args.split, device=args.device, progress=not args.quiet, limit=args.limit,
-                            log=lambda line: print(line, file=sys.stderr, flush=True))
+                            log=lambda line: print(line, file=sys.stderr, flush=True), report_of=whole)
     except Exception as e:  # noqa: BLE001 - ours get their exit code, the rest propagate
         code = training_failure(e)
         if code is None:
@@ -84,7 +85,8 @@ def add_command(subparsers) -> None:
     p.add_argument("--steps", type=positive_int, default=None, metavar="N",
                    help="optimizer steps of every run (default: the base recipe's)")
     p.add_argument("--only", nargs="+", choices=[v.name for v in PLAN], metavar="VARIANT",
-                   help="these variants only (default: all)")
+                   help="train and evaluate these variants only (default: all); the report still "
+                        "holds every run of the plan evaluated so far")
     p.add_argument("--split", default="test", help="the split evaluated (default: %(default)s)")
     p.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="evaluate the split's first N images only: a trial (the report says N of how many)")
