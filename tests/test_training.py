@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -336,7 +337,8 @@ def test_the_training_bar_writes_whole_lines_in_a_log(tmp_path, shb_root, capsys
             return True
 
     monkeypatch.setattr(sys, "stdout", Terminal())  # on a terminal: Lightning's own bar, redrawn in place
-    assert type(progress.training_progress_bar()) is TQDMProgressBar
+    terminal_bar = progress.training_progress_bar()
+    assert isinstance(terminal_bar, TQDMProgressBar) and type(terminal_bar)._should_update is TQDMProgressBar._should_update
     monkeypatch.undo()
     os.environ.setdefault("DEEPCOUNT_DATA", str(shb_root.parent))
     monkeypatch.setattr(progress, "LOG_INTERVAL", 3600.0)
@@ -347,6 +349,14 @@ def test_the_training_bar_writes_whole_lines_in_a_log(tmp_path, shb_root, capsys
     # the epoch's start, its first step, then nothing for LOG_INTERVAL, and its last step
     assert [line.split("|")[0] for line in epoch] == ["Epoch 0:   0%", "Epoch 0:  33%", "Epoch 0: 100%"], out
     assert "3/3" in epoch[-1] and "train/loss=" in epoch[-1]
+    # a run resumed inside its epoch: the bar names the epoch and its length (Lightning's: "Training: 2/?")
+    train(small(tmp_path, "resumed", 2, 1, None))  # stops after batch 2 of 3 of epoch 0
+    capsys.readouterr()
+    train(small(tmp_path, "resumed", 3, 1, "last", "--trainer.progress_bar", "true"))
+    out = capsys.readouterr().out
+    assert not re.search(r"[1-9][0-9]*/\?", out), out  # no "Training: 3/?" once steps are done
+    assert [line.split(" [")[0].split("|", 2)[-1].strip() for line in out.splitlines()
+            if line.startswith("Epoch 0:")][-1] == "3/3", out
 
 
 def test_csrnet_baseline_and_detached_branches_train(tmp_path, shb_root):

@@ -74,19 +74,27 @@ def training_progress_bar() -> Any:
     """Lightning's progress bar for :class:`lightning.pytorch.Trainer`, with the same manners as
     :func:`progress_bar`: on a terminal (Lightning writes to stdout) it is Lightning's own bar; in a
     log each bar writes a whole line at most every :data:`LOG_INTERVAL` seconds (and its last
-    state), not a redraw after every step."""
-    from lightning.pytorch.callbacks import TQDMProgressBar
-
-    if _is_terminal(sys.stdout):
-        return TQDMProgressBar()
-    return _log_training_bar_class()()
+    state), not a redraw after every step.  Either way a run resumed inside an epoch names that
+    epoch and its length, where Lightning's bar would say ``Training: 76/?``."""
+    bar, log_bar = _training_bar_classes()
+    return bar() if _is_terminal(sys.stdout) else log_bar()
 
 
 @functools.cache  # Lightning is imported on first use only
-def _log_training_bar_class() -> type:
+def _training_bar_classes() -> tuple[type, type]:
     from lightning.pytorch.callbacks import TQDMProgressBar
 
-    class LogTrainingBar(TQDMProgressBar):
+    class TrainingBar(TQDMProgressBar):
+        """Lightning's bar, which also names the epoch of a run resumed inside it (Lightning calls
+        no ``on_train_epoch_start`` then, which is where its bar learns the epoch and its length)."""
+
+        def on_train_start(self, trainer: Any, *args: Any) -> None:
+            super().on_train_start(trainer, *args)
+            if getattr(trainer.fit_loop, "restarted_mid_epoch", False):
+                self.train_progress_bar.total = _finite(self.total_train_batches)
+                self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch}")
+
+    class LogTrainingBar(TrainingBar):
         """Lightning's bar in a log: whole lines (:class:`_Lines`), refreshed by time."""
 
         def __init__(self) -> None:
@@ -103,7 +111,11 @@ def _log_training_bar_class() -> type:
     for name in ("init_sanity_tqdm", "init_train_tqdm", "init_validation_tqdm", "init_test_tqdm",
                  "init_predict_tqdm"):
         setattr(LogTrainingBar, name, _in_lines(getattr(TQDMProgressBar, name)))
-    return LogTrainingBar
+    return TrainingBar, LogTrainingBar
+
+
+def _finite(total: float) -> int | None:
+    return None if math.isinf(total) else int(total)
 
 
 def _in_lines(init: Any) -> Any:
