@@ -123,4 +123,3 @@ def _in_lines(init: Any) -> Any:
         with contextlib.redirect_stdout(_Lines(sys.stdout)):  # Lightning's bars take file=sys.stdout
             return init(self)
     return wrapped
-
