@@ -239,6 +239,35 @@ def test_resume_at_an_epoch_end_is_bit_identical(runs):
     assert_identical(weights(out / "straight"), weights(out / "boundary"))
 
 
+def validations(run: Path) -> list[tuple[str, str, str]]:
+    """(step, val/mae, val/rmse) of every validation, over all the run's CSV versions."""
+    rows = []
+    for csv_file in sorted((run / "csv").glob("version_*/metrics.csv")):
+        lines = csv_file.read_text().splitlines()
+        head = lines[0].split(",")
+        for line in lines[1:]:
+            row = dict(zip(head, line.split(",")))
+            if row.get("val/mae"):
+                rows.append((row["step"], row["val/mae"], row["val/rmse"]))
+    return rows
+
+
+def test_a_run_resumed_at_a_validation_step_keeps_that_validation_and_its_best(tmp_path, shb_root):
+    # validation and a checkpoint every 2 steps; stopped at step 4, resumed to 6.  Lightning's own
+    # periodic checkpoint comes before the step's validation, and a resume from it skipped that
+    # validation: its metrics were lost and a later, worse checkpoint took best.ckpt's place
+    os.environ.setdefault("DEEPCOUNT_DATA", str(shb_root.parent))
+    every = ["--export.source", "best", "--trainer.check_val_every_n_epoch", "null",
+             "--trainer.val_check_interval", "2"]
+    straight = train(small(tmp_path, "straight", 6, 2, None, *every))
+    train(small(tmp_path, "resumed", 4, 2, None, *every))
+    resumed = train(small(tmp_path, "resumed", 6, 2, "last", *every))
+    assert [s for s, _, _ in validations(tmp_path / "straight")] == ["1", "3", "5"]  # steps 2, 4, 6
+    assert validations(tmp_path / "resumed") == validations(tmp_path / "straight")
+    assert resumed["metrics"] == {**straight["metrics"], "checkpoint": resumed["metrics"]["checkpoint"]}
+    assert_identical(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))
+
+
 def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(runs):
     out, _ = runs
     cmd = [sys.executable, "-m", "deepcount.cli", "train", "--config", str(REPO / "configs/shb.yaml"),

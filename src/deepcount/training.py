@@ -8,8 +8,8 @@ config runs on one CPU, one GPU or many GPUs/nodes (``--trainer.devices``,
 the ranks).  A run directory holds:
 
 - ``checkpoints/best.ckpt`` (lowest validation MAE), ``checkpoints/last.ckpt`` (refreshed every
-  ``checkpoint_every_n_steps`` optimizer steps and at the end of every epoch), and with
-  ``keep_periodic`` also ``checkpoints/step=N.ckpt``;
+  ``checkpoint_every_n_steps`` optimizer steps, after the validation where one falls on that step,
+  and at the end of every epoch), and with ``keep_periodic`` also ``checkpoints/step=N.ckpt``;
 - ``tensorboard/`` and ``metrics.csv`` logs (loss per head, validation MAE/RMSE);
 - ``config.yaml`` (the full resolved config);
 - ``<name>.safetensors`` + ``<name>.json``: the inference network (backbone + ``export.branches``)
@@ -20,7 +20,8 @@ the ranks).  A run directory holds:
 Resuming (``--resume last`` or a checkpoint path) restores the network, the optimizer, the
 learning-rate schedule, the step, the RNG states and the place in the epoch: every crop is
 drawn from a generator seeded by (seed, epoch, position), so a resumed run sees exactly the
-batches the uninterrupted run would have seen.
+batches the uninterrupted run would have seen.  The best validation so far (best.ckpt, the
+sidecar's metrics) carries over too, so the export is the one the uninterrupted run makes.
 """
 
 from __future__ import annotations
@@ -653,7 +654,8 @@ def resolve_precisions(cfg: TrainConfig) -> TrainConfig:
 
 
 class _BestMetrics(Callback):  # type: ignore[misc]
-    """Remember the step of the best validation MAE (for the sidecar)."""
+    """Remember the step of the best validation MAE (for the sidecar); kept in checkpoints, so a
+    resumed run's sidecar names the best of the whole run, not of its part after the resume."""
 
     def __init__(self) -> None:
         self.best: dict[str, float] = {}
@@ -663,6 +665,49 @@ class _BestMetrics(Callback):  # type: ignore[misc]
         if "val/mae" in m and (not self.best or float(m["val/mae"]) < self.best["val_mae"]):
             self.best = {"val_mae": float(m["val/mae"]), "val_rmse": float(m.get("val/rmse", float("nan"))),
                          "step": int(trainer.global_step), "epoch": int(trainer.current_epoch)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": dict(self.best)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = dict(state_dict.get("best", {}))
+
+
+class _PeriodicCheckpoint(ModelCheckpoint if L is not None else object):  # type: ignore[misc]
+    """Every ``every_n_train_steps`` steps, but at a step that validates, after the validation.
+
+    Lightning's periodic save runs at the end of the step, before a validation at that step;
+    resumed from such a checkpoint, Lightning skips that validation (it counts it as done), so
+    the resumed run loses its metrics and, worse, its best checkpoint (a later, worse one takes
+    best.ckpt's place).  Deferred to the validation's end, the checkpoint holds the validation and
+    the best-so-far state; a run killed during the validation resumes from the checkpoint before
+    and validates again."""
+
+    _deferred = False
+
+    @staticmethod
+    def _validates_now(trainer: Any) -> bool:
+        loop = trainer.fit_loop.epoch_loop
+        try:  # Lightning's own test (private API; on a change, save now as Lightning does)
+            return bool(loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+        except AttributeError:  # pragma: no cover
+            return False
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if (self._every_n_train_steps >= 1 and step % self._every_n_train_steps == 0
+                and not self._should_skip_saving_checkpoint(trainer) and self._validates_now(trainer)):
+            self._deferred = True
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self._deferred and not trainer.sanity_checking:
+            self._deferred = False
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
 
 
 def _atomic_checkpoint_io() -> Any:
@@ -688,7 +733,7 @@ def make_trainer(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Any:
 
     t, run = cfg.trainer, cfg.run_dir
     ckpt_dir = run / "checkpoints"
-    periodic = ModelCheckpoint(dirpath=ckpt_dir, filename="step={step}", auto_insert_metric_name=False,
+    periodic = _PeriodicCheckpoint(dirpath=ckpt_dir, filename="step={step}", auto_insert_metric_name=False,
                                every_n_train_steps=t.checkpoint_every_n_steps, save_top_k=-1 if t.keep_periodic else 0,
                                save_last=True, save_on_train_epoch_end=True,
                                # last.ckpt is always the newest state (no last-v1.ckpt after a move)
@@ -715,7 +760,7 @@ def make_trainer(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Any:
         check_val_every_n_epoch=t.check_val_every_n_epoch, val_check_interval=t.val_check_interval,
         log_every_n_steps=t.log_every_n_steps, enable_progress_bar=t.progress_bar,
         deterministic=t.deterministic, use_distributed_sampler=False, logger=loggers,
-        callbacks=[periodic, best, *callbacks], num_sanity_val_steps=0, plugins=[_atomic_checkpoint_io()],
+        callbacks=[best, periodic, *callbacks], num_sanity_val_steps=0, plugins=[_atomic_checkpoint_io()],
         enable_model_summary=t.progress_bar)
 
 
