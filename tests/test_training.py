@@ -4,6 +4,7 @@ writes its checkpoints, logs and checksummed inference weights, and bad configs 
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -243,12 +244,8 @@ def validations(run: Path) -> list[tuple[str, str, str]]:
     """(step, val/mae, val/rmse) of every validation, over all the run's CSV versions."""
     rows = []
     for csv_file in sorted((run / "csv").glob("version_*/metrics.csv")):
-        lines = csv_file.read_text().splitlines()
-        head = lines[0].split(",")
-        for line in lines[1:]:
-            row = dict(zip(head, line.split(",")))
-            if row.get("val/mae"):
-                rows.append((row["step"], row["val/mae"], row["val/rmse"]))
+        with open(csv_file, newline="") as f:
+            rows += [(r["step"], r["val/mae"], r["val/rmse"]) for r in csv.DictReader(f) if r.get("val/mae")]
     return rows
 
 

@@ -703,7 +703,7 @@ class _PeriodicCheckpoint(ModelCheckpoint if L is not None else object):  # type
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         super().on_validation_end(trainer, pl_module)
-        if self._deferred and not trainer.sanity_checking:
+        if self._deferred:  # set only by a training step, never in a sanity check
             self._deferred = False
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
@@ -754,6 +754,7 @@ def make_trainer(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Any:
         from .progress import training_progress_bar
 
         callbacks = [*callbacks, training_progress_bar()]
+    # best before periodic: a periodic checkpoint deferred to a validation's end holds best's updated state
     return L.Trainer(
         default_root_dir=run, max_epochs=t.max_epochs, max_steps=t.max_steps, accelerator=t.accelerator,
         devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=_precision(t),
