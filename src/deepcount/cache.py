@@ -27,7 +27,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     normally, removed when it raises, so readers (and other processes writing the same file)
     only ever see no file or a whole one.  The name is ``path``'s, this process's id (two
     writers never share it) and ``.part`` (write NumPy arrays through an open file: ``np.save``
-    adds ``.npy`` to a name without it)."""
+    adds ``.npy`` to a name without it).  The file gets the permissions a plain ``open`` would
+    give it (0666 less the umask): some writers (safetensors) create theirs readable by the owner
+    alone, which would hide a shared model or result from everyone else on the machine."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
     try:
@@ -35,4 +37,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if tmp.is_file():
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
