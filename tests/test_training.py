@@ -26,7 +26,7 @@ from deepcount.datasets import shanghaitech  # noqa: E402
 from deepcount.predict import Counter, load_network  # noqa: E402
 from deepcount.config import (ConfigError, DataConfig, ExportConfig, ModelConfig, TrainConfig,  # noqa: E402
                               TrainerConfig, parse_config)
-from deepcount.training import CropSampler, build_network, check_config, train  # noqa: E402
+from deepcount.training import CropSampler, build_network, check_config, start_from, train  # noqa: E402
 from deepcount.cli.train import main  # noqa: E402
 from deepcount.loss import paper_loss  # noqa: E402
 from deepcount.weights import read_safetensors, sha256_file  # noqa: E402
@@ -398,3 +398,26 @@ def test_csrnet_baseline_and_detached_branches_train(tmp_path, shb_root):
     net, info = load_network(tmp_path / "detached" / "detached.safetensors")
     assert info["architecture"]["branches"] == [5] and net.attached == (5,)
     assert asdict(cfg.model)["branches"] == [5]
+
+
+def test_a_run_started_from_a_trained_model_begins_at_its_weights(runs, tmp_path):
+    out, result = runs
+    trained, _ = read_safetensors(result["weights"])
+    # the straight run's model (all five branches) into a network with branch 1 detached
+    net = build_network(ModelConfig(width=0.125, branches=[2, 3, 4, 5], frontend="none"))
+    started = start_from(net, result["weights"])
+    assert started["sha256"] == sha256_file(result["weights"])
+    assert started["branches_copied"] == [2, 3, 4, 5] and started["branches_fresh"] == []
+    assert_identical(net.state_dict(), {k: v for k, v in trained.items() if not k.startswith("branches.1.")})
+    with pytest.raises(ConfigError, match="width"):
+        start_from(build_network(ModelConfig(width=0.25, frontend="none")), result["weights"])
+    with pytest.raises(ConfigError, match="no such weights file"):
+        start_from(net, tmp_path / "missing.safetensors")
+    # a run at learning rate 0 exports what it started from: the count head's bias is not
+    # started over at the crops' mean count (recipe.init_count_bias), and the sidecar says the source
+    cfg = small(tmp_path, "again", 1, 1, None, "--model.init", result["weights"], "--recipe.lr", "0",
+                "--recipe.init_count_bias", "true")
+    again = train(cfg)
+    assert_identical(weights(tmp_path / "again"), trained)
+    side = json.loads(Path(again["sidecar"]).read_text())
+    assert side["started_from"]["sha256"] == sha256_file(result["weights"])

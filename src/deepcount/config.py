@@ -65,6 +65,11 @@ class ModelConfig:
     """frontend frozen up to this level, its features computed once per image (and mirror),
     cached on disk and cropped (deepcount.features); inference then uses tiling features at this
     level; null: the frontend trains at recipe.frontend_lr_factor"""
+    init: str | None = None
+    """start from these weights instead of the frontend source alone: a trained model's
+    .safetensors file or a registered model name (fine-tuning it on another dataset, or a second
+    cycle of the schedule on the same one); it must have this width and activation; branches it
+    lacks start fresh. Its sha256 goes into the exported sidecar"""
 
 
 DatasetName = Literal["sha", "shb", "mall", "ucf_qnrf", "jhu", "nwpu", "custom"]

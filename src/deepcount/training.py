@@ -161,6 +161,34 @@ def build_network(m: ModelConfig) -> nn.Module:
     return net
 
 
+def start_from(net: nn.Module, init: str) -> dict[str, Any]:
+    """Copy the weights of model ``init`` (a .safetensors file or a registered name) into
+    ``net``: every tensor of the frontend and backbone, and of each branch both attach (a branch
+    ``init`` lacks keeps its fresh start).  Returns what was started from (file, sha256, the
+    branches copied and those left fresh)."""
+    from .weights import load_network
+
+    try:
+        source, info = load_network(init)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"model.init: {e}") from None
+    want, have = architecture(net), info["architecture"]
+    differ = [k for k in ("model", "width", "activation") if want.get(k) != have.get(k)]
+    if differ:
+        raise ConfigError(f"model.init {init}: its {', '.join(f'{k} {have.get(k)!r}' for k in differ)} differ "
+                          f"from this run's model ({', '.join(f'{k} {want.get(k)!r}' for k in differ)})")
+    ours, theirs = net.state_dict(), source.state_dict()
+    branch = lambda k: int(k.split(".")[1]) if k.startswith("branches.") else None  # noqa: E731
+    missing = [k for k in ours if k not in theirs and branch(k) is None]
+    if missing:
+        raise ConfigError(f"model.init {init}: lacks {len(missing)} tensor(s) of the network, e.g. {missing[:3]}")
+    net.load_state_dict({k: v for k, v in theirs.items() if k in ours}, strict=False)
+    copied = sorted({branch(k) for k in theirs if k in ours and branch(k) is not None})
+    fresh = sorted({branch(k) for k in ours if k not in theirs and branch(k) is not None})
+    return {"from": str(init), "file": info.get("file"), "sha256": info.get("sha256"),
+            "branches_copied": copied, "branches_fresh": fresh}
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -390,6 +418,7 @@ class DeepCountModule(L.LightningModule if L is not None else object):  # type: 
         self.save_hyperparameters()
         self.model_cfg, self.recipe = ModelConfig(**model), RecipeConfig(**recipe)
         self.net = build_network(self.model_cfg)
+        self.started_from = start_from(self.net, self.model_cfg.init) if self.model_cfg.init else None
         self.level = self.model_cfg.frozen
         if self.level is not None:  # trained from cached features: nothing below them learns
             for p in self.net.frontend[:frontend_split(self.level)].parameters():
@@ -409,7 +438,8 @@ class DeepCountModule(L.LightningModule if L is not None else object):  # type: 
         dm = getattr(self.trainer, "datamodule", None)
         if getattr(dm, "on_device", False):
             self._device_images = dm.device_images(self.device)
-        if self.recipe.init_count_bias and self.trainer.ckpt_path is None and dm is not None:
+        if (self.recipe.init_count_bias and self.trainer.ckpt_path is None and dm is not None
+                and self.started_from is None):  # a model started from trained weights counts already
             self.init_count_bias(dm.crops)
 
     @torch.no_grad()
@@ -559,8 +589,9 @@ def inference_state(net: nn.Module, branches: Sequence[int] | None) -> tuple[dic
 
 
 def export_weights(net: nn.Module, path: str | os.PathLike, cfg: TrainConfig,
-                   metrics: dict[str, Any]) -> tuple[Path, Path]:
-    """Write ``path`` (.safetensors) and its ``.json`` sidecar; returns both paths."""
+                   metrics: dict[str, Any], started_from: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """Write ``path`` (.safetensors) and its ``.json`` sidecar; returns both paths.
+    ``started_from``: the model the run started from (:func:`start_from`), if any."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -577,6 +608,7 @@ def export_weights(net: nn.Module, path: str | os.PathLike, cfg: TrainConfig,
         "feature_level": cfg.model.frozen,
         "metrics": metrics,
         "config": asdict(cfg),
+        **({"started_from": started_from} if started_from else {}),
         "git_commit": git_commit(),
         "deepcount_version": __version__,
         "sha256": sha256_file(path),
@@ -866,6 +898,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             metrics = {**tracker.best, "source": "best", "checkpoint": str(best_path)}
         elif tracker.best:
             metrics["best_val"] = tracker.best
-        weights, sidecar = export_weights(net, cfg.weights_path, cfg, metrics)
+        weights, sidecar = export_weights(net, cfg.weights_path, cfg, metrics, module.started_from)
         result.update(weights=str(weights), sidecar=str(sidecar), metrics=metrics)
     return result
