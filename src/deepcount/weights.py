@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .cache import atomic_path, cache_dir
 from .datasets import DATASET_NAMES
-from .model import build
+from .model import branch_of, build
 
 TORCHVISION_VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 # torchvision's `vgg16().features` indices of conv1_1..conv4_3 (ReLU and pooling in between).
@@ -452,7 +452,7 @@ def infer_architecture(state: Mapping[str, Tensor]) -> dict:
         raise ValueError("not a DeepCount or CSRNet state dict (no backbone.fc / output_layer)")
     width = state["backbone.fc.weight"].shape[1] / 1024
     prelu = any(k.startswith("backbone.body.") and k.endswith(".1.weight") for k in state)
-    branches = sorted({int(k.split(".")[1]) for k in state if k.startswith("branches.")})
+    branches = sorted({b for b in map(branch_of, state) if b is not None})
     # leaky_relu and relu have no parameters: the sidecar must say which; relu is not assumed.
     return {"model": "deepcount", "width": width, "activation": "prelu" if prelu else "leaky_relu",
             "branches": branches}
