@@ -79,8 +79,9 @@ def test_config_files_hold_the_two_recipes():
     assert (official.data.ground_truth.sigma, official.data.ground_truth.kernel_size,
             official.data.ground_truth.keep_mass) == (10.0, 49, False)
     assert official.data.grey_probability == 0.1
-    for path in sorted((REPO / "configs").rglob("*.yaml")):
-        cfg = parse_config(["--config", str(REPO / "configs/shb.yaml"), "--config", str(path)])
+    for path in sorted((REPO / "configs").rglob("*.yaml")):  # each after a dataset's (the union's for union_*)
+        base = REPO / "configs" / ("union_cpu.yaml" if path.name.startswith("union_") else "shb.yaml")
+        cfg = parse_config(["--config", str(base), "--config", str(path)])
         check_config(cfg)
     relu = parse_config(["--config", str(REPO / "configs/shb.yaml"), "--config", str(REPO / "configs/ablations/relu.yaml")])
     assert relu.model.activation == "relu" and relu.recipe.loss == "paper"
@@ -124,6 +125,19 @@ def test_a_union_trains_on_every_dataset_each_keeping_its_validation_images(data
     assert [it.image for it in module.val_set] == [it.image for _, val in parts for it in val]
     assert len(module.train_set) == 27 and len(module.val_set) == 3
     assert module.train_set.name == "sha+shb+mall" and len(module.crops) == 27 * cfg.data.crops_per_image
+    # crops per image per dataset weight the union: ShanghaiTech A's 9 images twice an epoch, B's
+    # three times, Mall's never; an int gives every image the same (i // crops, as before)
+    weighted = CrowdDataModule(replace(cfg.data, crops_per_image={"sha": 2, "shb": 3, "mall": 0}, num_workers=0,
+                                       cache_targets=False), seed=cfg.seed)
+    weighted.setup()
+    drawn = [weighted.crops.draw((i, i))[0] for i in range(len(weighted.crops))]
+    assert drawn == [k for k in range(9) for _ in range(2)] + [k for k in range(9, 18) for _ in range(3)]
+    assert [module.crops.draw((i, i))[0] for i in range(len(module.crops))] == [
+        i // cfg.data.crops_per_image for i in range(len(module.crops))]
+    with pytest.raises(ConfigError, match="one count per dataset"):
+        check_config(parse_config(["--config", str(union), "--data.crops_per_image", "{sha: 2, shb: 3}"]))
+    with pytest.raises(ConfigError, match="> 0 for one"):
+        check_config(parse_config(["--config", str(union), "--data.crops_per_image", "{sha: 0, shb: 0, mall: 0}"]))
     # one folder cannot say where three datasets are; a list must give one per dataset
     for root in (["--data.root", str(data_root)], ["--data.root", f"[{data_root}]"]):
         with pytest.raises(ConfigError, match="one per dataset"):

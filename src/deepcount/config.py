@@ -93,8 +93,9 @@ class DataConfig:
     """only the first N images of the split (smoke runs)"""
     batch_size: int = 32
     """crops per optimizer step"""
-    crops_per_image: int = 1
-    """crops of every image per epoch (the authors' code: 30)"""
+    crops_per_image: int | dict[str, int] = 1
+    """crops of every image per epoch (the authors' code: 30); a union may give each dataset's
+    images their own, e.g. {sha: 10, shb: 20, mall: 4} (weights the datasets in its epochs)"""
     mirror: bool = True
     """mirror half of the crops left-right"""
     grey_probability: float = 0.0
@@ -138,6 +139,11 @@ class DataConfig:
         names = [self.dataset] if isinstance(self.dataset, str) else list(self.dataset)
         roots = list(self.root) if isinstance(self.root, (list, tuple)) else [self.root] * len(names)
         return list(zip(names, roots))
+
+    def crops_of(self, name: str) -> int:
+        """Crops per epoch of each image of training set ``name``."""
+        c = self.crops_per_image
+        return int(c[name]) if isinstance(c, Mapping) else int(c)
 
     @property
     def name(self) -> str:

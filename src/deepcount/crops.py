@@ -27,7 +27,8 @@ class CrowdCrops(torch.utils.data.Dataset):
     0-d tensor).  Augmentation: a random crop (an image smaller than 384x512 is padded right
     and bottom with the ImageNet mean, its targets there are zero), a left-right mirror with
     probability 1/2, and, only when ``grey_probability > 0`` (the authors' code: 0.1), a grey
-    crop.  ``crops_per_image`` repeats every image per pass (the authors' code: 30).  With
+    crop.  ``crops_per_image`` repeats every image per pass (the authors' code: 30), or is a
+    sequence of one count per image (:func:`crop_offsets`: a union weighting its datasets).  With
     probability ``overhang_probability`` the crop's top-left is drawn anywhere in the image, so
     the crop may overhang the right / bottom edge into padding (zero targets), as edge tiles do
     at inference: the network learns that padding holds nobody.
@@ -42,7 +43,7 @@ class CrowdCrops(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset: CrowdDataset, ground_truth: GroundTruthConfig = PAPER,
-                 crops_per_image: int = 1, mirror: bool = True, grey_probability: float = 0.0,
+                 crops_per_image: int | Sequence[int] = 1, mirror: bool = True, grey_probability: float = 0.0,
                  cache: GroundTruthCache | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                  keep_images: bool = False, params_only: bool = False, overhang_probability: float = 0.0):
         self.dataset = dataset
@@ -52,7 +53,7 @@ class CrowdCrops(torch.utils.data.Dataset):
         self._images: dict[int, np.ndarray] = {}
         self._sizes: dict[int, tuple[int, int]] = {}
         self.ground_truth = ground_truth
-        self.crops_per_image = int(crops_per_image)
+        self.offsets = crop_offsets(crops_per_image, len(dataset))
         self.mirror = mirror
         self.grey_probability = float(grey_probability)
         self.cache = cache
@@ -60,7 +61,7 @@ class CrowdCrops(torch.utils.data.Dataset):
         self._kernels: dict[int, HeadKernels] = {}
 
     def __len__(self) -> int:
-        return len(self.dataset) * self.crops_per_image
+        return int(self.offsets[-1])
 
     def kernels(self, index: int, height: int, width: int) -> HeadKernels:
         """The ground truth of image ``index``: computed (or read from the disk cache) once."""
@@ -112,7 +113,7 @@ class CrowdCrops(torch.utils.data.Dataset):
     def draw(self, i: int | tuple[int, int]) -> tuple[int, int, int, bool, bool]:
         """The augmentation of sample ``i`` (an int, or ``(i, seed)``): image index, crop
         top-left, mirror, grey."""
-        return draw_crop(i, self.crops_per_image, self.size, TILE, self.overhang_probability,
+        return draw_crop(i, self.offsets, self.size, TILE, self.overhang_probability,
                          self.mirror, self.grey_probability)
 
     def __getitem__(self, i: int | tuple[int, int]):
@@ -122,13 +123,26 @@ class CrowdCrops(torch.utils.data.Dataset):
         return self.sample(index, top, left, flip, grey)
 
 
-def draw_crop(i: int | tuple[int, int], crops_per_image: int, size: Callable[[int], tuple[int, int]],
+def crop_offsets(crops_per_image: int | Sequence[int], n: int) -> np.ndarray:
+    """Where each of ``n`` images' crops begin among an epoch's samples: ``n + 1`` offsets, the
+    last the epoch's length.  ``crops_per_image``: every image's crops per epoch, or a sequence
+    of one count (>= 0) per image, e.g. a union giving each dataset's images their own."""
+    counts = np.asarray(crops_per_image, dtype=np.int64)
+    if counts.ndim == 0:
+        counts = np.full(n, int(counts), dtype=np.int64)
+    if counts.shape != (n,) or (counts < 0).any():
+        raise ValueError(f"crops_per_image must be one count >= 0 or one per image ({n}), got {crops_per_image!r}")
+    return np.concatenate([[0], np.cumsum(counts)])
+
+
+def draw_crop(i: int | tuple[int, int], offsets: np.ndarray, size: Callable[[int], tuple[int, int]],
               tile: tuple[int, int], overhang_probability: float = 0.0, mirror: bool = True,
               grey_probability: float = 0.0) -> tuple[int, int, int, bool, bool]:
     """One training crop's draw, for pixel crops (:class:`CrowdCrops`) and feature crops
     (:class:`deepcount.features.FeatureCrops`) alike: sample ``i`` (an int, drawn from the
-    global torch generator, or ``(i, seed)``, drawn from its own) of image ``i //
-    crops_per_image``, whose ``size(index)`` is (h, w) in the units of ``tile``.  Returns
+    global torch generator, or ``(i, seed)``, drawn from its own) of the image whose crops
+    ``offsets`` (:func:`crop_offsets`) place it among (with ``c`` crops of every image: ``i //
+    c``), whose ``size(index)`` is (h, w) in the units of ``tile``.  Returns
     (image index, top, left, mirror, grey).  The crop lies inside the image when it fits (else
     at 0), or with ``overhang_probability`` anywhere its top-left is inside.  The draws come in
     a fixed order (overhang, top, left, mirror, grey), each only when its option is on, so a
@@ -137,7 +151,7 @@ def draw_crop(i: int | tuple[int, int], crops_per_image: int, size: Callable[[in
     if isinstance(i, tuple):
         i, seed = i
         gen = torch.Generator().manual_seed(int(seed))
-    index = int(i) // crops_per_image
+    index = int(np.searchsorted(offsets, int(i), side="right")) - 1
     h, w = size(index)
     overhang = overhang_probability > 0 and bool(torch.rand((), generator=gen) < overhang_probability)
     top_max, left_max = (h - 1, w - 1) if overhang else (max(h - tile[0], 0), max(w - tile[1], 0))

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .cache import atomic_path, cache_dir
-from .crops import draw_crop
+from .crops import crop_offsets, draw_crop
 from .images import DEFAULT_MAX_PIXELS, load_image, to_tensor
 from .model import FEATURE_SIZE, FEATURE_STRIDE, FRONTEND_LEVELS, INPUT_SIZE, frontend_split
 from .weights import sha256_file
@@ -231,20 +231,20 @@ class FeatureCrops(torch.utils.data.Dataset):
     crop are always padded so.
     """
 
-    def __init__(self, dataset, cache: FeatureCache, ground_truth=None, crops_per_image: int = 1,
+    def __init__(self, dataset, cache: FeatureCache, ground_truth=None, crops_per_image: int | Sequence[int] = 1,
                  mirror: bool = True, overhang_probability: float = 0.0, targets_cache=None):
         from .targets import PAPER
 
         self.dataset, self.cache = dataset, cache
         self.ground_truth = ground_truth if ground_truth is not None else PAPER
-        self.crops_per_image, self.mirror = int(crops_per_image), bool(mirror)
+        self.offsets, self.mirror = crop_offsets(crops_per_image, len(dataset)), bool(mirror)
         self.overhang_probability = float(overhang_probability)
         self.targets_cache = targets_cache
         self._kernels: dict[int, object] = {}
         self._cells: dict[int, tuple[int, int]] = {}
 
     def __len__(self) -> int:
-        return len(self.dataset) * self.crops_per_image
+        return int(self.offsets[-1])
 
     def features(self, index: int, mirror: bool = False) -> np.ndarray:
         return self.cache.get(self.dataset[index].image, mirror)
@@ -273,7 +273,7 @@ class FeatureCrops(torch.utils.data.Dataset):
     def draw(self, i: int | tuple[int, int]) -> tuple[int, int, int, bool]:
         """Image index, crop top-left in cells of the (mirrored when flip) features, mirror:
         :func:`deepcount.crops.draw_crop` in cells."""
-        return draw_crop(i, self.crops_per_image, self.cells, FEATURE_SIZE, self.overhang_probability,
+        return draw_crop(i, self.offsets, self.cells, FEATURE_SIZE, self.overhang_probability,
                          self.mirror)[:4]
 
     def targets(self, index: int, top: int, left: int, flip: bool = False) -> tuple[Tensor, ...]:

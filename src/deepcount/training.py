@@ -31,7 +31,7 @@ import math
 import os
 import random
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -129,8 +129,18 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"recipe.ema_decay must be in (0, 1) (e.g. 0.99), or null for no average; got {r.ema_decay}")
     if r.warmup_steps < 0:
         raise ConfigError(f"recipe.warmup_steps must be >= 0, got {r.warmup_steps}")
-    if d.batch_size < 1 or d.crops_per_image < 1:
-        raise ConfigError("data.batch_size and data.crops_per_image must be >= 1")
+    if d.batch_size < 1:
+        raise ConfigError(f"data.batch_size must be >= 1, got {d.batch_size}")
+    names = [name for name, _ in d.datasets()]
+    if isinstance(d.crops_per_image, Mapping):
+        if sorted(d.crops_per_image) != sorted(names):
+            raise ConfigError(f"data.crops_per_image gives {sorted(d.crops_per_image)} but the training sets "
+                              f"are {names}: give one count per dataset, or one number for all")
+        if not all(c >= 0 for c in d.crops_per_image.values()) or not any(d.crops_per_image.values()):
+            raise ConfigError(f"data.crops_per_image must be >= 0 for each dataset and > 0 for one, "
+                              f"got {d.crops_per_image}")
+    elif d.crops_per_image < 1:
+        raise ConfigError(f"data.crops_per_image must be >= 1, got {d.crops_per_image}")
     if d.val_batch_size is not None and d.val_batch_size < 1:
         raise ConfigError(f"data.val_batch_size must be >= 1 (or unset: the device's default), got {d.val_batch_size}")
     if not 0.0 <= d.grey_probability <= 1.0:
@@ -293,6 +303,8 @@ class CrowdDataModule(L.LightningDataModule if L is not None else object):  # ty
             return
         d = self.cfg
         parts = [self.training_set(name, root) for name, root in d.datasets()]
+        # each image's crops per epoch: its dataset's (data.crops_per_image may weight a union's)
+        crops = [d.crops_of(name) for (name, _), (train, _) in zip(d.datasets(), parts) for _ in train]
         if len(parts) == 1:
             self.train_set, self.val_set = parts[0]
         else:  # a union: every dataset's own training and validation images
@@ -309,11 +321,11 @@ class CrowdDataModule(L.LightningDataModule if L is not None else object):  # ty
             if self.val_set is not None:
                 self.features.build([it.image for it in self.val_set], mirror=False, desc="validation features")
             self.crops = FeatureCrops(self.train_set, self.features, d.ground_truth,
-                                      crops_per_image=d.crops_per_image, mirror=d.mirror,
+                                      crops_per_image=crops, mirror=d.mirror,
                                       overhang_probability=d.overhang_probability, targets_cache=targets_cache)
             return
         self.on_device = on_gpu if d.crop_on_device == "auto" else bool(d.crop_on_device)
-        self.crops = CrowdCrops(self.train_set, d.ground_truth, crops_per_image=d.crops_per_image,
+        self.crops = CrowdCrops(self.train_set, d.ground_truth, crops_per_image=crops,
                                 mirror=d.mirror, grey_probability=d.grey_probability,
                                 cache=targets_cache, max_pixels=d.max_pixels,
                                 keep_images=d.keep_images and not self.on_device, params_only=self.on_device,
