@@ -95,7 +95,7 @@ class DataConfig:
     """crops per optimizer step"""
     crops_per_image: int | dict[str, int] = 1
     """crops of every image per epoch (the authors' code: 30); a union may give each dataset's
-    images their own, e.g. {sha: 10, shb: 20, mall: 4} (weights the datasets in its epochs)"""
+    images their own, e.g. {sha: 10, shb: 20, mall: 3} (weights the datasets in its epochs)"""
     mirror: bool = True
     """mirror half of the crops left-right"""
     grey_probability: float = 0.0

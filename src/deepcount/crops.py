@@ -140,9 +140,9 @@ def draw_crop(i: int | tuple[int, int], offsets: np.ndarray, size: Callable[[int
               grey_probability: float = 0.0) -> tuple[int, int, int, bool, bool]:
     """One training crop's draw, for pixel crops (:class:`CrowdCrops`) and feature crops
     (:class:`deepcount.features.FeatureCrops`) alike: sample ``i`` (an int, drawn from the
-    global torch generator, or ``(i, seed)``, drawn from its own) of the image whose crops
-    ``offsets`` (:func:`crop_offsets`) place it among (with ``c`` crops of every image: ``i //
-    c``), whose ``size(index)`` is (h, w) in the units of ``tile``.  Returns
+    global torch generator, or ``(i, seed)``, drawn from its own) of image ``k``, the one with
+    ``offsets[k] <= i < offsets[k + 1]`` (:func:`crop_offsets`; with ``c`` crops of every image,
+    ``k = i // c``), whose ``size(k)`` is (h, w) in the units of ``tile``.  Returns
     (image index, top, left, mirror, grey).  The crop lies inside the image when it fits (else
     at 0), or with ``overhang_probability`` anywhere its top-left is inside.  The draws come in
     a fixed order (overhang, top, left, mirror, grey), each only when its option is on, so a
