@@ -189,3 +189,27 @@ def test_models_lists_the_registry_with_its_test_numbers_and_where_each_file_is(
     assert main(["models", "--json"]) == 0
     import json
     assert json.loads(capsys.readouterr().out) == Counter.available()
+
+
+@pytest.mark.offline
+def test_the_readmes_default_paragraph_quotes_the_registrys_numbers():
+    """The README's paragraph on the default is written by hand; it must name the registry's
+    default and quote its validation and full-test MAEs (rounded as written), so swapping the
+    default without rewriting the paragraph fails here."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    m = re.search(r"> The `default` model is \*\*([\w.-]+)\*\*(.*?)\n\n", readme, re.S)
+    assert m, "the README has no paragraph on the `default` model"
+    name, text = m.group(1), " ".join(m.group(2).replace(">", " ").split())
+    assert name == weights.DEFAULT_MODEL
+    entry = weights.REGISTRY[name]
+
+    def quoted(value: float) -> bool:
+        return any(re.search(rf"(?<![\d.]){re.escape(f'{value:.{d}f}')}(?![\d])", text) for d in (1, 2))
+
+    val = entry.metrics["val_mae_by_dataset"]
+    assert all(quoted(v) for v in val.values()), f"validation MAEs {val} not all in: {text}"
+    test = {ds: m["mae"] for ds, m in entry.test_metrics.items()}
+    assert all(quoted(v) for v in test.values()), f"test MAEs {test} not all in: {text}"
