@@ -276,7 +276,7 @@ def test_cuda_without_cuda_exits_2(tree: Path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--batch-size", "0"], "error: --batch-size must be at least 1, got 0"),
     (["--model", "csrnet-basline"], "error: cannot load model 'csrnet-basline': csrnet-basline: not a registered "
-                                    "model (known: default, csrnet-baseline, deepcount-union-cpu-detach-1-1-cycle3) nor an existing .safetensors file"),
+                                    "model (known: default, csrnet-baseline, deepcount-union-cpu-detach-1-1-cycle4-mild) nor an existing .safetensors file"),
     (["--model", "weights.pth"], "error: cannot load model 'weights.pth': weights.pth: refusing a pickle-based "
                                  "weights file (.pth)"),
     (["--csv", "/nonexistent-dir/rows.csv"], "error: cannot write the csv file /nonexistent-dir/rows.csv: "
