@@ -30,6 +30,7 @@ from deepcount.training import CropSampler, build_network, check_config, start_f
 from deepcount.cli.train import main  # noqa: E402
 from deepcount.loss import paper_loss  # noqa: E402
 from deepcount.weights import read_safetensors, sha256_file  # noqa: E402
+from deepcount.model import MAP_SIZES, branch_of  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # 12 images: 11 train crops (3 batches of 4 per epoch) and 1 validation image.
@@ -435,3 +436,16 @@ def test_a_run_started_from_a_trained_model_begins_at_its_weights(runs, tmp_path
     assert_identical(weights(tmp_path / "again"), trained)
     side = json.loads(Path(again["sidecar"]).read_text())
     assert side["started_from"]["sha256"] == sha256_file(result["weights"])
+    # from a file with branch 4 only (as a bundled model is): the branches it lacks start at the
+    # crops' mean count spread over their cells, as in a fresh run; what it has stays as it was
+    from safetensors.torch import save_file
+    one = {k: v for k, v in trained.items() if branch_of(k) in (None, 4)}
+    save_file(one, str(tmp_path / "one.safetensors"))
+    cfg = small(tmp_path, "fresh", 1, 1, None, "--model.init", str(tmp_path / "one.safetensors"),
+                "--recipe.lr", "0", "--recipe.init_count_bias", "true")
+    side = json.loads(Path(train(cfg)["sidecar"]).read_text())
+    assert side["started_from"]["branches_copied"] == [4] and side["started_from"]["branches_fresh"] == [1, 2, 3, 5]
+    out = weights(tmp_path / "fresh")
+    assert_identical({k: v for k, v in out.items() if k in one}, one)
+    means = {b: float(out[f"branches.{b}.predict.bias"]) * h * w for b, (h, w) in MAP_SIZES.items() if b != 4}
+    assert min(means.values()) > 10 and max(means.values()) == pytest.approx(min(means.values()), rel=1e-5)

@@ -263,11 +263,16 @@ class DeepCount(nn.Module):
         return net.train(self.training)
 
     @torch.no_grad()
-    def start_counts_at(self, mean: float) -> None:
+    def start_counts_at(self, mean: float, branches: Sequence[int] | None = None) -> None:
         """Start the count head's bias at ``mean`` people per crop and each branch's last bias
-        at that mean spread over its cells (``recipe.init_count_bias``)."""
-        self.backbone.fc.bias.fill_(mean)
+        at that mean spread over its cells (``recipe.init_count_bias``).  ``branches``: only
+        these branches' biases (the fresh ones of a run started from trained weights), the count
+        head's left as it is."""
+        if branches is None:
+            self.backbone.fc.bias.fill_(mean)
         for k, branch in self.branches.items():
+            if branches is not None and int(k) not in branches:
+                continue
             h, w = MAP_SIZES[int(k)]
             branch.predict.bias.fill_(mean / (h * w))
 
@@ -337,7 +342,7 @@ class CSRNet(nn.Module):
             raise ValueError(f"a CSRNet has one density map (branch 1's size), not {list(branches)}")
         return self
 
-    def start_counts_at(self, mean: float) -> None:
+    def start_counts_at(self, mean: float, branches: Sequence[int] | None = None) -> None:
         """DeepCount's interface: a CSRNet's count is a sum over cells, left at its own start."""
 
     def forward_maps(self, x: Tensor, branches: Sequence[int] | None = None, level: str | None = None,

@@ -449,19 +449,21 @@ class DeepCountModule(L.LightningModule if L is not None else object):  # type: 
         dm = getattr(self.trainer, "datamodule", None)
         if getattr(dm, "on_device", False):
             self._device_images = dm.device_images(self.device)
-        if (self.recipe.init_count_bias and self.trainer.ckpt_path is None and dm is not None
-                and self.started_from is None):  # a model started from trained weights counts already
-            self.init_count_bias(dm.crops)
+        # a model started from trained weights counts already: only the branches it lacked start over
+        fresh = None if self.started_from is None else self.started_from["branches_fresh"]
+        if self.recipe.init_count_bias and self.trainer.ckpt_path is None and dm is not None and fresh != []:
+            self.init_count_bias(dm.crops, branches=fresh)
 
     @torch.no_grad()
-    def init_count_bias(self, crops: Any, samples: int = 256) -> float:
+    def init_count_bias(self, crops: Any, samples: int = 256, branches: Sequence[int] | None = None) -> float:
         """Start the count head's bias at the mean count of ``samples`` training crops (drawn
-        with their own seeds) and each branch's last bias at that mean over its cells."""
+        with their own seeds) and each branch's last bias at that mean over its cells
+        (``branches``: only these branches', the count head's kept)."""
         gen = np.random.default_rng(7)  # the same crops whatever the run
         n = len(crops)
         picks = [(int(gen.integers(n)), int(gen.integers(2 ** 62))) for _ in range(min(samples, 4 * n))]
         mean = float(np.mean([float(crops.targets(*crops.draw(p)[:4])[-1]) for p in picks]))
-        self.net.start_counts_at(mean)
+        self.net.start_counts_at(mean, branches)
         return mean
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
