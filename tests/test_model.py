@@ -225,3 +225,9 @@ def test_with_branches_keeps_the_backbone_and_only_the_branches_asked_for():
     assert net.backbone.fc.bias.item() == 31.0
     h, w = MAP_SIZES[3]
     assert math.isclose(net.branches["3"].predict.bias.item(), 31.0 / (h * w), rel_tol=1e-6)
+    # only branch 3 starts over (a run from a file that lacked it): the head and branch 2 stay
+    net.start_counts_at(5.0, [3], head=False)
+    assert net.backbone.fc.bias.item() == 31.0
+    assert math.isclose(net.branches["3"].predict.bias.item(), 5.0 / (h * w), rel_tol=1e-6)
+    h2, w2 = MAP_SIZES[2]
+    assert math.isclose(net.branches["2"].predict.bias.item(), 31.0 / (h2 * w2), rel_tol=1e-6)

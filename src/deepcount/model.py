@@ -263,12 +263,12 @@ class DeepCount(nn.Module):
         return net.train(self.training)
 
     @torch.no_grad()
-    def start_counts_at(self, mean: float, branches: Sequence[int] | None = None) -> None:
-        """Start the count head's bias at ``mean`` people per crop and each branch's last bias
-        at that mean spread over its cells (``recipe.init_count_bias``).  ``branches``: only
-        these branches' biases (the fresh ones of a run started from trained weights), the count
-        head's left as it is."""
-        if branches is None:
+    def start_counts_at(self, mean: float, branches: Sequence[int] | None = None, head: bool = True) -> None:
+        """Start the count head's bias at ``mean`` people per crop and the last bias of each of
+        ``branches`` (all attached ones when None) at that mean spread over its cells
+        (``recipe.init_count_bias``).  ``head=False`` leaves the count head as it is (a run
+        started from trained weights starts only the branches its file lacked)."""
+        if head:
             self.backbone.fc.bias.fill_(mean)
         for k, branch in self.branches.items():
             if branches is not None and int(k) not in branches:
@@ -342,7 +342,7 @@ class CSRNet(nn.Module):
             raise ValueError(f"a CSRNet has one density map (branch 1's size), not {list(branches)}")
         return self
 
-    def start_counts_at(self, mean: float, branches: Sequence[int] | None = None) -> None:
+    def start_counts_at(self, mean: float, branches: Sequence[int] | None = None, head: bool = True) -> None:
         """DeepCount's interface: a CSRNet's count is a sum over cells, left at its own start."""
 
     def forward_maps(self, x: Tensor, branches: Sequence[int] | None = None, level: str | None = None,
@@ -362,7 +362,7 @@ class CSRNet(nn.Module):
 # the same small interface: ``config`` (its build arguments), ``forward(x)`` -> counts (B,),
 # ``forward_maps(x, branches, level, float32_head)`` -> (counts, {branch: (B, 1, h, w)}),
 # ``density_branches``, ``counts_by_map``, ``feature_levels`` (the frontend levels it can start
-# from), ``frontend``, ``with_branches(branches)`` and ``start_counts_at(mean)``.  A third
+# from), ``frontend``, ``with_branches(branches)`` and ``start_counts_at(mean, branches, head)``.  A third
 # network is one more class with these and one more entry; nothing else branches on the class.
 ARCHITECTURES: dict[str, type[nn.Module]] = {"deepcount": DeepCount, "csrnet": CSRNet}
 

@@ -458,12 +458,12 @@ class DeepCountModule(L.LightningModule if L is not None else object):  # type: 
     def init_count_bias(self, crops: Any, samples: int = 256, branches: Sequence[int] | None = None) -> float:
         """Start the count head's bias at the mean count of ``samples`` training crops (drawn
         with their own seeds) and each branch's last bias at that mean over its cells
-        (``branches``: only these branches', the count head's kept)."""
+        (``branches``: only these branches', and the count head's kept as it is)."""
         gen = np.random.default_rng(7)  # the same crops whatever the run
         n = len(crops)
         picks = [(int(gen.integers(n)), int(gen.integers(2 ** 62))) for _ in range(min(samples, 4 * n))]
         mean = float(np.mean([float(crops.targets(*crops.draw(p)[:4])[-1]) for p in picks]))
-        self.net.start_counts_at(mean, branches)
+        self.net.start_counts_at(mean, branches, head=branches is None)
         return mean
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
