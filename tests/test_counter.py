@@ -381,8 +381,8 @@ def test_a_tampered_registry_file_is_refused_and_removed(tmp_path: Path, monkeyp
     with pytest.raises(HashMismatchError, match="does not match"):
         Counter.load("tiny-test")
     assert not cached.exists()  # removed, never loaded
-    with pytest.raises(FileNotFoundError, match="missing from the package"):
-        Counter.load("tiny-test")  # no converter: it is not silently replaced
+    with pytest.raises(FileNotFoundError, match="missing from the package and from .*models.tiny-test.safetensors"):
+        Counter.load("tiny-test")  # no converter: it is not silently replaced; the message says where it goes
 
 
 def test_the_tampered_baseline_is_refused(tmp_path: Path, monkeypatch, counter: Counter):

@@ -349,7 +349,8 @@ def registry_state(name: str) -> tuple[dict[str, Tensor], ModelEntry, str]:
     if not path.exists():
         path = cache_dir("models") / entry.file
         if not path.exists():
-            raise FileNotFoundError(f"{name}: {entry.file} is missing from the package")
+            raise FileNotFoundError(f"{name}: {entry.file} is missing from the package and from {path} "
+                                    f"(a model once bundled: docs/RESULTS.md says how to get it back)")
     state, _ = read_safetensors(_verified_or_removed(path, entry.sha256))
     return state, entry, str(path)
 
