@@ -449,3 +449,19 @@ def test_a_run_started_from_a_trained_model_begins_at_its_weights(runs, tmp_path
     assert_identical({k: v for k, v in out.items() if k in one}, one)
     means = {b: float(out[f"branches.{b}.predict.bias"]) * h * w for b, (h, w) in MAP_SIZES.items() if b != 4}
     assert min(means.values()) > 10 and max(means.values()) == pytest.approx(min(means.values()), rel=1e-5)
+
+
+@pytest.mark.offline
+def test_max_time_stops_the_trainer(tmp_path):
+    """trainer.max_time (a safety net on a lent machine) becomes Lightning's Timer."""
+    from lightning.pytorch.callbacks import Timer
+
+    from deepcount.config import TrainConfig
+    from deepcount.training import make_trainer
+
+    cfg = TrainConfig(out=str(tmp_path))
+    cfg.trainer.max_time, cfg.trainer.progress_bar = "00:00:01:30", False
+    timers = [c for c in make_trainer(cfg).callbacks if isinstance(c, Timer)]
+    assert len(timers) == 1 and timers[0].time_remaining() == 90
+    cfg.trainer.max_time = None
+    assert not [c for c in make_trainer(cfg).callbacks if isinstance(c, Timer)]

@@ -223,6 +223,9 @@ class TrainerConfig:
     """validate every N optimizer steps (an int) or epoch fraction (a float)"""
     checkpoint_every_n_steps: int = 500
     """refresh last.ckpt this often"""
+    max_time: str | None = None
+    """stop after this much wall time ("DD:HH:MM:SS", Lightning's), whatever max_steps says:
+    a safety net on a lent machine (the best checkpoint is exported as after max_steps)"""
     keep_periodic: bool = False
     """also keep every periodic checkpoint as step=N.ckpt"""
     log_every_n_steps: int = 10

