@@ -6,10 +6,10 @@
 #   scripts/remote_shb_gpu.sh prepare       here: the three loads under .gpu/ (ignored), each
 #                                           under 64 MiB with the tree once the bundled model is
 #                                           moved out of it for the calls: a = the start weights
-#                                           (python -m deepcount.remote start default) + wheels
+#                                           (deepcount remote start default) + wheels
 #                                           + the first 3.6 MiB of training data, b = the rest of
 #                                           the training data, c = the test data
-#   scripts/remote_shb_gpu.sh stage DIR     unpack DIR/data/chunk-*.tar (python -m deepcount.remote
+#   scripts/remote_shb_gpu.sh stage DIR     unpack DIR/data/chunk-*.tar (deepcount remote
 #                                           pack) under $STAGE/data, hash-checked; copy DIR/start.*
 #                                           (the whole-network start weights); install DIR/whl/*.whl
 #   scripts/remote_shb_gpu.sh probe SECS    train on what is staged for SECS seconds -> $STAGE/rate
@@ -17,7 +17,7 @@
 #   scripts/remote_shb_gpu.sh train SECS    train configs/shb_gpu.yaml for about SECS seconds
 #                                           (max_steps from the rate, 10 validations), then the
 #                                           best weights' backbone and branch 4 as float16 shards
-#                                           under 15 MiB in $OUT (joined here: deepcount.remote join)
+#                                           under 15 MiB in $OUT (joined here: deepcount remote join)
 #   scripts/remote_shb_gpu.sh test DIR      stage DIR (the test chunks), evaluate the trained run
 #                                           on the ShanghaiTech B test set (pad and features
 #                                           tilings, backbone and every branch) -> $OUT
@@ -38,7 +38,7 @@ stage() {
   fi
   if [ -f "$dir/start.safetensors" ]; then cp "$dir"/start.safetensors "$dir"/start.json "$STAGE/"; fi
   if [ -f "$dir/data/manifest.json" ]; then
-    $py -m deepcount.remote unpack "$dir/data/manifest.json" "$STAGE/data" "$dir"/data/chunk-*.tar
+    $py -m deepcount.cli remote unpack "$dir/data/manifest.json" "$STAGE/data" "$dir"/data/chunk-*.tar
   fi
 }
 
@@ -48,12 +48,12 @@ case "${1:-}" in
 prepare)
   rm -rf .gpu/a .gpu/b .gpu/c .gpu/pack && mkdir -p .gpu/a/whl .gpu/b/data .gpu/c
   shb=$DATA_HERE/ShanghaiTech/part_B_final
-  $py -m deepcount.remote start default .gpu/a/start.safetensors
+  $py -m deepcount.cli remote start default .gpu/a/start.safetensors
   $py -m pip download -q --no-deps -d .gpu/a/whl jsonargparse==4.53.0 docstring-parser==0.18.0
-  $py -m deepcount.remote pack "$shb/../.." .gpu/pack "$shb/train_data" --chunk-mb 3.6
+  $py -m deepcount.cli remote pack "$shb/../.." .gpu/pack "$shb/train_data" --chunk-mb 3.6
   mkdir -p .gpu/a/data && mv .gpu/pack/chunk-000.tar .gpu/a/data/ && cp .gpu/pack/manifest.json .gpu/a/data/
   mv .gpu/pack/* .gpu/b/data/ && rmdir .gpu/pack
-  $py -m deepcount.remote pack "$shb/../.." .gpu/c/data "$shb/test_data" --chunk-mb 15
+  $py -m deepcount.cli remote pack "$shb/../.." .gpu/c/data "$shb/test_data" --chunk-mb 15
   du -sh .gpu/a .gpu/b .gpu/c
   exit 0
   ;;
@@ -100,7 +100,7 @@ state = {k: v for k, v in load_file(str(src)).items() if branch_of(k) in (None, 
 print(write_shards(state, out, name, 15 * 2 ** 20, side))
 EOF
   else  # stopped before the export: the best checkpoint, as it is
-    $py -m deepcount.remote shards "$run/checkpoints/best.ckpt" "$OUT" --name "$NAME-best-ckpt" --max-mb 15
+    $py -m deepcount.cli remote shards "$run/checkpoints/best.ckpt" "$OUT" --name "$NAME-best-ckpt" --max-mb 15
   fi
   ;;
 test)

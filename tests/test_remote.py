@@ -106,3 +106,19 @@ def test_checkpoint_state_and_start_file_load_as_the_network(tmp_path):
         assert torch.equal(v, state[k].half().float())
     with pytest.raises(FileExistsError):
         start_file(str(src), dst)
+
+
+@pytest.mark.offline
+def test_command_line_joins_and_refuses_with_exit_code_2(tmp_path, capsys):
+    from deepcount.cli import main
+
+    manifest = write_shards(_small_state(), tmp_path / "out", "m", max_bytes=200_000)
+    assert main(["remote", "join", str(manifest), str(tmp_path / "m.safetensors")]) == 0
+    assert (tmp_path / "m.safetensors").is_file() and (tmp_path / "m.json").is_file()
+    before = (tmp_path / "m.safetensors").read_bytes()
+    assert main(["remote", "join", str(manifest), str(tmp_path / "m.safetensors")]) == 2
+    assert "nothing was overwritten" in capsys.readouterr().err
+    assert (tmp_path / "m.safetensors").read_bytes() == before
+    (tmp_path / "out" / "m.shard-000.safetensors").write_bytes(b"not a shard")
+    assert main(["remote", "join", str(manifest), str(tmp_path / "n.safetensors")]) == 2
+    assert "sha256" in capsys.readouterr().err and not (tmp_path / "n.safetensors").exists()

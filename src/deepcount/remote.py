@@ -14,13 +14,12 @@ pieces and trained weights brought back in pieces.  Nothing here knows any provi
   ``max_bytes`` each, with a manifest holding every shard's and every tensor's sha256;
   :func:`join_shards` checks them all and writes one file back here.
 
-``python -m deepcount.remote pack|unpack|start|shards|join ...`` runs them from a shell;
+``deepcount remote pack|unpack|start|shards|join ...`` runs them from a shell;
 ``scripts/remote_shb_gpu.sh`` is the ShanghaiTech B run that used them (docs/RESULTS.md).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -196,56 +195,3 @@ def checkpoint_state(path: str | os.PathLike) -> dict[str, Tensor]:
     """The network's tensors in a Lightning training checkpoint (``net.`` prefix removed)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     return {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m deepcount.remote", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="verb", required=True)
-    a = sub.add_parser("pack", help="files under ROOT into tar chunks and a manifest")
-    a.add_argument("root")
-    a.add_argument("dst")
-    a.add_argument("files", nargs="+", help="files or folders under ROOT")
-    a.add_argument("--chunk-mb", type=float, default=15.0)
-    a = sub.add_parser("unpack", help="chunks into ROOT, hash-checked")
-    a.add_argument("manifest")
-    a.add_argument("root")
-    a.add_argument("chunks", nargs="+")
-    a = sub.add_parser("start", help="a registered model as one whole-network float16 file")
-    a.add_argument("name")
-    a.add_argument("dst")
-    a = sub.add_parser("shards", help="a .safetensors file or a training checkpoint as float16 shards")
-    a.add_argument("src")
-    a.add_argument("dst")
-    a.add_argument("--name", required=True)
-    a.add_argument("--max-mb", type=float, default=15.0)
-    a.add_argument("--sidecar", help="a JSON file kept in the manifest")
-    a = sub.add_parser("join", help="shards back into one .safetensors file, hash-checked")
-    a.add_argument("manifest")
-    a.add_argument("dst")
-    args = p.parse_args(argv)
-    if args.verb == "pack":
-        files = [f for x in args.files for f in (sorted(p for p in Path(x).rglob("*") if p.is_file())
-                                                 if Path(x).is_dir() else [Path(x)])]
-        chunks = pack(files, args.root, args.dst, int(args.chunk_mb * 2 ** 20))
-        print(f"{len(files)} files in {len(chunks)} chunk(s) under {args.dst}")
-    elif args.verb == "unpack":
-        print(f"{unpack(args.chunks, args.manifest, args.root)} files unpacked and checked under {args.root}")
-    elif args.verb == "start":
-        print(start_file(args.name, args.dst))
-    elif args.verb == "shards":
-        src = Path(args.src)
-        if src.suffix == ".ckpt":
-            state = checkpoint_state(src)
-        else:
-            from safetensors.torch import load_file
-            state = load_file(str(src))
-        side = json.loads(Path(args.sidecar).read_text()) if args.sidecar else {}
-        out = write_shards(state, args.dst, args.name, int(args.max_mb * 2 ** 20), side)
-        print(f"{out}: {len(json.loads(out.read_text())['shards'])} shard(s)")
-    else:
-        print(join_shards(args.manifest, args.dst))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,7 +1,7 @@
 """The ``deepcount`` command line: ``main`` parses the command and runs it.
 
 One module per command (``count``, ``models`` and ``summary``, ``video``, ``export``, ``serve``,
-``evaluate``, ``report``, ``analyses``, ``train``), each with ``add_command(subparsers)`` that registers its
+``evaluate``, ``report``, ``analyses``, ``remote``, ``train``), each with ``add_command(subparsers)`` that registers its
 parser and the function it runs; what they share (argument types, the --model, --device,
 --tiling and --batch-size options) is in :mod:`deepcount.cli.common`.  The library modules
 neither print nor parse arguments.  ``train`` has its own parser (YAML configs and
@@ -31,6 +31,7 @@ COMMANDS = {
     "evaluate": ("evaluate", "MAE/RMSE of a model on a dataset split (Tables 2-4, 7)"),
     "report": ("report", "the paper's tables (2, 3, 4, 7, 8, 9) with evaluation runs beside them"),
     "analyses": ("analyses", "rerun the paper's Tables 7, 8 and 9: train, evaluate, report (resumable)"),
+    "remote": ("remote", "train on a machine that takes files in small loads: data in chunks, weights back in shards"),
 }
 
 
