@@ -31,16 +31,9 @@ import torch
 from torch import Tensor
 
 from .cache import atomic_path
+from .weights import sha256_file
 
 MANIFEST = "manifest.json"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def pack(files: Iterable[str | os.PathLike], root: str | os.PathLike, dst: str | os.PathLike,
@@ -61,7 +54,7 @@ def pack(files: Iterable[str | os.PathLike], root: str | os.PathLike, dst: str |
             size = 0
         groups[-1].append((f, rel))
         size += n
-        entries.append({"path": rel, "bytes": n, "sha256": _sha256(f), "chunk": len(groups) - 1})
+        entries.append({"path": rel, "bytes": n, "sha256": sha256_file(f), "chunk": len(groups) - 1})
     chunks = []
     for i, group in enumerate(groups):
         chunk = dst / f"chunk-{i:03d}.tar"
@@ -86,7 +79,7 @@ def unpack(chunks: Iterable[str | os.PathLike], manifest: str | os.PathLike,
         with tarfile.open(chunk) as tar:
             tar.extractall(root, filter="data")  # no absolute paths, links out, devices
         for entry in (e for e in listed if e["chunk"] == index):
-            got = _sha256(root / entry["path"])
+            got = sha256_file(root / entry["path"])
             if got != entry["sha256"]:
                 raise ValueError(f"{entry['path']}: sha256 {got} differs from the manifest's {entry['sha256']}")
             done += 1
@@ -124,7 +117,7 @@ def write_shards(state: Mapping[str, Tensor], dst: str | os.PathLike, name: str,
     for i, group in enumerate(groups):
         path = dst / f"{name}.shard-{i:03d}.safetensors"
         save_file(group, str(path), metadata={"format": "pt"})
-        shards.append({"file": path.name, "sha256": _sha256(path),
+        shards.append({"file": path.name, "sha256": sha256_file(path),
                        "tensors": {k: _tensor_sha256(t) for k, t in group.items()}})
     manifest = dst / f"{name}.shards.json"
     manifest.write_text(json.dumps({"name": name, "dtype": str(dtype).removeprefix("torch."),
@@ -138,8 +131,6 @@ def join_shards(manifest: str | os.PathLike, dst: str | os.PathLike) -> Path:
     ``sha256`` the joined file's).  Refuses to overwrite ``dst``.  Returns ``dst``."""
     from safetensors.torch import load_file, save_file
 
-    from .weights import sha256_file
-
     manifest, dst = Path(manifest), Path(dst)
     if dst.exists():
         raise FileExistsError(f"{dst} exists; join into a new path (nothing was overwritten)")
@@ -149,7 +140,7 @@ def join_shards(manifest: str | os.PathLike, dst: str | os.PathLike) -> Path:
         path = manifest.parent / shard["file"]
         if not path.is_file():
             raise FileNotFoundError(f"{path}: a shard {manifest.name} lists is missing")
-        got = _sha256(path)
+        got = sha256_file(path)
         if got != shard["sha256"]:
             raise ValueError(f"{path}: sha256 {got} differs from {manifest.name}'s {shard['sha256']}")
         tensors = load_file(str(path))
@@ -173,7 +164,7 @@ def start_file(name: str, dst: str | os.PathLike, dtype: torch.dtype = torch.flo
     sha256), so that loading it needs nothing else.  Refuses to overwrite ``dst``."""
     from safetensors.torch import save_file
 
-    from .weights import load_network, sha256_file
+    from .weights import load_network
 
     dst = Path(dst)
     if dst.exists():
