@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fine-tune the whole DeepCount on ShanghaiTech B on a lent GPU machine that takes files in
-# small loads and keeps them between calls while it stays warm (docs/RESULTS.md, "On a GPU").
+# small loads and keeps them between calls while it stays warm (docs/RESULTS.md, "The whole
+# network fine-tuned on a GPU", says how each call was made and what it gave).
 # Run from the repository root there, one verb per call (prepare runs here, before them):
 #
 #   scripts/remote_shb_gpu.sh prepare       here: the three loads under .gpu/ (ignored), each
@@ -22,7 +23,9 @@
 #                                           on the ShanghaiTech B test set (pad and features
 #                                           tilings, backbone and every branch) -> $OUT
 set -euo pipefail
-# EXTRA: more --section.key overrides for probe and train (a CPU rehearsal: --trainer.accelerator cpu ...)
+# NAME: the run's name (default shb-gpu); STAGE: where loads are unpacked there (default /root/stage);
+# EXTRA: more --section.key overrides for probe and train (a second cycle: --model.init FILE
+# --recipe.lr ...; a CPU rehearsal: --trainer.accelerator cpu ...)
 STAGE=${STAGE:-/root/stage}
 NAME=${NAME:-shb-gpu}
 OUT=${OUT:-$STAGE/out}
