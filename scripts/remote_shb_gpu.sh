@@ -89,19 +89,10 @@ train)
   set -e
   run=$STAGE/runs/$NAME
   cat "$run"/csv/version_0/metrics.csv >> "$OUT/train.log" 2>/dev/null || true
-  if [ -f "$run/$NAME.safetensors" ]; then
-    $py - "$run/$NAME.safetensors" "$OUT" "$NAME" <<'EOF'
-import json, sys
-from pathlib import Path
-from safetensors.torch import load_file
-from deepcount.model import branch_of
-from deepcount.remote import write_shards
-src, out, name = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-side = json.loads(src.with_suffix(".json").read_text())
-side["architecture"] = {**side["architecture"], "branches": [4]}
-state = {k: v for k, v in load_file(str(src)).items() if branch_of(k) in (None, 4)}
-print(write_shards(state, out, name, 15 * 2 ** 20, side))
-EOF
+  if [ -f "$run/$NAME.safetensors" ]; then  # the backbone and branch 4 (training.slim_weights), as shards
+    $py -c "import sys; from deepcount.training import slim_weights; slim_weights(*sys.argv[1:3], [4], dtype=__import__('torch').float32)" \
+      "$run/$NAME.safetensors" "$run/$NAME-b4.safetensors"
+    $py -m deepcount.cli remote shards "$run/$NAME-b4.safetensors" "$OUT" --name "$NAME" --max-mb 15 --sidecar "$run/$NAME-b4.json"
   else  # stopped before the export: the best checkpoint, as it is
     $py -m deepcount.cli remote shards "$run/checkpoints/best.ckpt" "$OUT" --name "$NAME-best-ckpt" --max-mb 15
   fi

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deepcount.model import DeepCount
-from deepcount.remote import checkpoint_state, join_shards, pack, start_file, unpack, write_shards
+from deepcount.remote import join_shards, pack, start_file, unpack, write_shards
+from deepcount.training import checkpoint_state
 from deepcount.weights import load_network
 
 

@@ -36,6 +36,18 @@ from .weights import sha256_file
 MANIFEST = "manifest.json"
 
 
+def _by_size(sizes: Iterable[int], max_bytes: int) -> list[int]:
+    """The group of each item, in order, so that a group's sizes add up to at most
+    ``max_bytes`` (an item larger than that gets a group of its own)."""
+    out, group, total = [], 0, 0
+    for n in sizes:
+        if total and total + n > max_bytes:
+            group, total = group + 1, 0
+        out.append(group)
+        total += n
+    return out
+
+
 def pack(files: Iterable[str | os.PathLike], root: str | os.PathLike, dst: str | os.PathLike,
          chunk_bytes: int) -> list[Path]:
     """Put ``files`` (each under ``root``) into ``dst/chunk-NNN.tar`` files of at most
@@ -45,24 +57,19 @@ def pack(files: Iterable[str | os.PathLike], root: str | os.PathLike, dst: str |
     dst.mkdir(parents=True, exist_ok=True)
     if any(dst.glob("chunk-*.tar")) or (dst / MANIFEST).exists():
         raise FileExistsError(f"{dst} already holds a packed set; pack into an empty folder")
-    entries, groups, size = [], [[]], 0
-    for f in sorted(Path(p).resolve() for p in files):
-        rel = f.relative_to(root).as_posix()  # ValueError: a file outside root
-        n = f.stat().st_size
-        if groups[-1] and size + n > chunk_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append((f, rel))
-        size += n
-        entries.append({"path": rel, "bytes": n, "sha256": sha256_file(f), "chunk": len(groups) - 1})
-    chunks = []
-    for i, group in enumerate(groups):
-        chunk = dst / f"chunk-{i:03d}.tar"
+    paths = sorted(Path(p).resolve() for p in files)
+    rels = [f.relative_to(root).as_posix() for f in paths]  # ValueError: a file outside root
+    sizes = [f.stat().st_size for f in paths]
+    groups = _by_size(sizes, chunk_bytes)
+    entries = [{"path": rel, "bytes": n, "sha256": sha256_file(f), "chunk": g}
+               for f, rel, n, g in zip(paths, rels, sizes, groups)]
+    chunks = [dst / f"chunk-{i:03d}.tar" for i in range(groups[-1] + 1 if groups else 1)]
+    for i, chunk in enumerate(chunks):
         with atomic_path(chunk) as tmp, tarfile.open(tmp, "w") as tar:
-            for f, rel in group:
-                tar.add(f, arcname=rel, recursive=False)
-        chunks.append(chunk)
-    (dst / MANIFEST).write_text(json.dumps({"files": entries, "chunks": len(groups)}, indent=1) + "\n")
+            for f, rel, g in zip(paths, rels, groups):
+                if g == i:
+                    tar.add(f, arcname=rel, recursive=False)
+    (dst / MANIFEST).write_text(json.dumps({"files": entries, "chunks": len(chunks)}, indent=1) + "\n")
     return chunks
 
 
@@ -104,15 +111,10 @@ def write_shards(state: Mapping[str, Tensor], dst: str | os.PathLike, name: str,
     dst.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype).clone(memory_format=torch.contiguous_format)
              for k, v in sorted(state.items())}
-    groups: list[dict[str, Tensor]] = [{}]
-    size = 0
-    for key, t in state.items():
-        n = t.numel() * t.element_size()
-        if groups[-1] and size + n > max_bytes:
-            groups.append({})
-            size = 0
-        groups[-1][key] = t
-        size += n
+    index = _by_size((t.numel() * t.element_size() for t in state.values()), max_bytes)
+    groups: list[dict[str, Tensor]] = [{} for _ in range(index[-1] + 1 if index else 1)]
+    for (key, t), g in zip(state.items(), index):
+        groups[g][key] = t
     shards = []
     for i, group in enumerate(groups):
         path = dst / f"{name}.shard-{i:03d}.safetensors"
@@ -180,9 +182,3 @@ def start_file(name: str, dst: str | os.PathLike, dtype: torch.dtype = torch.flo
             "dtype": str(dtype).removeprefix("torch."), "sha256": sha256_file(dst)}
     dst.with_suffix(".json").write_text(json.dumps(side, indent=2) + "\n")
     return dst
-
-
-def checkpoint_state(path: str | os.PathLike) -> dict[str, Tensor]:
-    """The network's tensors in a Lightning training checkpoint (``net.`` prefix removed)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    return {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}

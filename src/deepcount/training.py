@@ -593,6 +593,12 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def checkpoint_state(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The network's tensors in a training checkpoint (its ``net.`` prefix removed)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+
+
 def inference_state(net: nn.Module, branches: Sequence[int] | None) -> tuple[dict[str, Tensor], dict]:
     """The tensors and architecture of the inference network: the backbone and ``branches``
     (None: every attached branch) of a DeepCount, or a whole CSRNet."""
@@ -905,9 +911,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         net, metrics = module.net, {"step": int(trainer.global_step), "source": "last"}
         if cfg.export.source == "best" and best_path:
-            state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
             net = build_network(ModelConfig(**{**asdict(cfg.model), "frontend": "none"}))
-            net.load_state_dict({k.removeprefix("net."): v for k, v in state.items()})
+            net.load_state_dict(checkpoint_state(best_path))
             metrics = {**tracker.best, "source": "best", "checkpoint": str(best_path)}
         elif tracker.best:
             metrics["best_val"] = tracker.best

@@ -33,7 +33,8 @@ def _run(args: argparse.Namespace) -> int:
         elif args.verb == "shards":
             src = Path(args.src)
             if src.suffix == ".ckpt":
-                state = remote.checkpoint_state(src)
+                from ..training import checkpoint_state
+                state = checkpoint_state(src)
             else:
                 from safetensors.torch import load_file
                 state = load_file(str(src))
