@@ -265,6 +265,17 @@ def test_progress_bar_on_a_terminal_and_in_a_long_run_s_log(tree: Path, small_fi
     assert "IMG_1.jpg" in capsys.readouterr().out
 
 
+def test_a_log_gets_the_closing_redraw_once_whatever_the_width_of_its_rate():
+    # tqdm redraws the finished bar on closing; with a longer rate text the bar is a column narrower
+    log = io.StringIO()
+    lines = progress._Lines(log)
+    for text in ("\r 50%|#####     | 1/2 [00:00<00:00, 9.08image/s]",
+                 "\r100%|##########| 2/2 [00:00<00:00, 9.08image/s]",
+                 "\r100%|#########| 2/2 [00:00<00:00, 99.08image/s]"):
+        lines.write(text)
+    assert [line.split("|")[0].strip() for line in log.getvalue().splitlines()] == ["50%", "100%"]
+
+
 # ----------------------------------------------------------------------------- errors before counting
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_cuda_exits_2(tree: Path, capsys):

@@ -25,11 +25,13 @@ __all__ = ["LOG_DELAY", "LOG_INTERVAL", "progress_bar", "training_progress_bar"]
 
 
 _CURSOR_MOVES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # tqdm's moves between stacked bars
+_BAR = re.compile(r"\|[^|]*\|")  # the bar itself: its width follows the length of the rate text
 
 
 class _Lines:
     """A stream for tqdm that turns its in-place redraws (``\\r`` or a cursor move, then the bar)
-    into whole lines, leaving out a line that only repeats the last one's progress (tqdm redraws it on closing)."""
+    into whole lines, leaving out a line that only repeats the last one's progress (tqdm redraws it on
+    closing, maybe with a rate of another length, and so a bar of another width)."""
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
@@ -37,7 +39,7 @@ class _Lines:
 
     def write(self, text: str) -> None:
         line = _CURSOR_MOVES.sub("", text.replace("\r", "")).strip()
-        progress = line.split(" [", 1)[0]  # the line without its times and rate
+        progress = _BAR.sub("|", line.split(" [", 1)[0])  # the line without its bar, times and rate
         if line and progress != self.last:
             self.stream.write(line + "\n")
             self.last = progress
