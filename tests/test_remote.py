@@ -73,6 +73,11 @@ def test_shards_round_trip_under_the_size_and_float16(tmp_path):
     assert side["architecture"] == {"x": 1} and side["dtype"] == "float16"
     with pytest.raises(FileExistsError):
         join_shards(manifest, joined)
+    lone = tmp_path / "back" / "n.json"  # a sidecar without its file is not overwritten either
+    lone.write_text("{}")
+    with pytest.raises(FileExistsError):
+        join_shards(manifest, lone.with_suffix(".safetensors"))
+    assert lone.read_text() == "{}" and not lone.with_suffix(".safetensors").exists()
 
 
 @pytest.mark.offline

